@@ -1,0 +1,1 @@
+"""The web dashboard over a study storage (read-only)."""

@@ -1,0 +1,1 @@
+"""Search spaces, Optuna sampling, Ray Tune execution, storage, Pareto fronts and export."""

@@ -1,0 +1,1 @@
+"""Tasks (data + loss + metric) and the compute-budgeted training loop."""
