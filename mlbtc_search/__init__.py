@@ -6,7 +6,29 @@ exported model loads with the core alone.
 
 from __future__ import annotations
 
+from .btc import BTC
 from .errors import MlbtcError, SpecError, TrainingError, UsageError
+from .linear import StructuredLinear, compile_matrix
+from .matrix import Level, MatrixSpec
+from .mup import make_adamw, param_groups
+from .plan import bilinear_cut, flops, graph, params, plan
 
-__all__ = ["MlbtcError", "SpecError", "TrainingError", "UsageError"]
+__all__ = [
+    "BTC",
+    "Level",
+    "MatrixSpec",
+    "MlbtcError",
+    "SpecError",
+    "StructuredLinear",
+    "TrainingError",
+    "UsageError",
+    "bilinear_cut",
+    "compile_matrix",
+    "flops",
+    "graph",
+    "make_adamw",
+    "param_groups",
+    "params",
+    "plan",
+]
 __version__ = "0.1.0"
