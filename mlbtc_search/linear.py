@@ -96,9 +96,9 @@ class StructuredLinear(nn.Module):
         k = level.blocks
         ws = self._level_weights(l)
         N = x.shape[0]
-        if p.kind == "dense" and k == 1:
+        if p.kind == "dense":
             return F.linear(x, ws[0][0])  # W[o, i]
-        if p.kind == "low_rank" and k == 1:
+        if p.kind == "low_rank":
             return (x @ ws[0][0]) @ ws[1][0]  # (N, n) @ (n, r) @ (r, m)
         if p.kind == "btt":
             return self._btt(x, ws, level.btc.sizes, k)

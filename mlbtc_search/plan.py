@@ -77,9 +77,9 @@ def best_order(btc: BTC) -> tuple[int, ...]:
 
 
 def _kind(level: Level, order: tuple[int, ...]) -> str:
-    if level.preset == "dense":
+    if level.preset == "dense" and level.blocks == 1:
         return "dense"
-    if level.preset == "low_rank":
+    if level.preset == "low_rank" and level.blocks == 1 and order == (0, 1):
         return "low_rank"
     if level.preset in ("btt", "monarch") and order == (0, 1):
         return "btt"

@@ -8,7 +8,7 @@ with the parameters each one accepts. The exponent parameterization of the einsu
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from math import prod, sqrt
+from math import prod
 
 from .btc import BTC
 from .errors import SpecError
