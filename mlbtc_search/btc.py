@@ -142,9 +142,9 @@ class BTC:
         """
         sizes = self.sizes
         rename: dict[str, str] = {}
-        for i, (a, s) in enumerate(self.in_axes):
+        for i, (a, _) in enumerate(self.in_axes):
             rename[a] = f"i{i}"
-        for i, (a, s) in enumerate(self.out_axes):
+        for i, (a, _) in enumerate(self.out_axes):
             rename[a] = f"o{i}"
         n_bond = 0
         for axes in self.cores:

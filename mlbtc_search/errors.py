@@ -2,7 +2,7 @@
 
 Every message says what must hold, what was got, and where::
 
-    SpecError: at model.yaml:14 attention.levels[2].rank: rank must be in 1..64 (min(in, out)), got 96
+    at model.yaml:14 attention.levels[2].rank: rank must be >= 1 and <= 64, got rank=96
 """
 
 from __future__ import annotations

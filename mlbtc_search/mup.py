@@ -47,7 +47,7 @@ def param_rules(model: nn.Module, base_width: int = DEFAULT_BASE_WIDTH,
         elif isinstance(module, nn.Linear):
             name = f"{prefix}weight"
             rules[name] = ParamRule(name, base_width / module.in_features, True)
-    for name, p in model.named_parameters():
+    for name, _ in model.named_parameters():
         if name not in rules or name.startswith(fixed):
             rules[name] = ParamRule(name, 1.0, False)
     return rules
