@@ -69,6 +69,10 @@ class StructuredLinear(nn.Module):
             else:
                 p.normal_(0.0, info.init_std)
 
+    def mup_cores(self) -> list[tuple[str, int, int]]:
+        """(parameter name, fan_in, cores in the layer) for every core, for µP groups."""
+        return [(f"cores.{i}", info.fan_in, info.n_cores) for i, info in enumerate(self.infos)]
+
     def _weight(self, i: int) -> Tensor:
         w = self.cores[i]
         if not self.rms_cap:

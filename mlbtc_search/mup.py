@@ -1,6 +1,7 @@
 """µP: per-core learning-rate multipliers and AdamW parameter groups for a whole model.
 
-Initialization lives with the cores (``StructuredLinear.reset_parameters``: std
+Any module with a ``mup_cores()`` method (``StructuredLinear``, the attention score features)
+names its cores with their fan-in. Initialization lives with the cores (std
 sqrt(min(fan_in, fan_out)) / fan_in). Here each core gets the Adam multiplier
 
     base_width / (fan_in * n_cores)
@@ -17,8 +18,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-
-from .linear import StructuredLinear
 
 DEFAULT_BASE_WIDTH = 64
 
@@ -38,12 +37,10 @@ def param_rules(model: nn.Module, base_width: int = DEFAULT_BASE_WIDTH,
     rules: dict[str, ParamRule] = {}
     for mod_name, module in model.named_modules():
         prefix = f"{mod_name}." if mod_name else ""
-        if isinstance(module, StructuredLinear):
-            for i, (p_name, _) in enumerate(module.cores.named_parameters()):
-                info = module.infos[i]
-                name = f"{prefix}cores.{p_name}"
-                mult = base_width / (info.fan_in * info.n_cores)
-                rules[name] = ParamRule(name, mult, True)
+        if hasattr(module, "mup_cores"):  # StructuredLinear, attention score features
+            for p_name, fan_in, n_cores in module.mup_cores():
+                name = f"{prefix}{p_name}"
+                rules[name] = ParamRule(name, base_width / (fan_in * n_cores), True)
         elif isinstance(module, nn.Linear):
             name = f"{prefix}weight"
             rules[name] = ParamRule(name, base_width / module.in_features, True)
