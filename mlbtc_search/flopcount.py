@@ -25,7 +25,7 @@ Shape = tuple[int, ...]
 
 
 def sdpa_forward_flops(query_shape: Shape, key_shape: Shape, value_shape: Shape) -> int:
-    """FLOPs of one fused attention forward: ``Q K^T`` plus ``P V``, as torch's ``sdpa_flop_count``.
+    """FLOPs of one fused attention forward, ``Q K^T`` plus ``P V``, as torch's sdpa_flop_count.
 
     Shapes are ``(B, H, Tq, E)``, ``(B, H, Tk, E)`` and ``(B, H, Tk, Ev)`` (key/value heads may be
     fewer than query heads: grouped-query attention broadcasts them).

@@ -1,0 +1,282 @@
+"""Attention kernels: exactness against dense masked references, gradients, causality, the region
+plan, window attention, KV caches and exact FLOP counts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mlbtc_search.attention_kernels import (
+    MultilevelKVCache,
+    WindowKVCache,
+    kv_cache_bytes_per_token,
+    multilevel_attention,
+    multilevel_attention_flops,
+    multilevel_attention_reference,
+    plan_regions,
+    window_attention,
+    window_attention_flops,
+)
+from mlbtc_search.errors import SpecError
+from mlbtc_search.flopcount import count_flops
+
+# (widths, block_sizes, T, dv): global + nested levels, width 0, partial final blocks, an implicit
+# global root (coarsest level blocked), ratios 2, 3 and 4, block sizes above T, W < dv and W > dv.
+CONFIGS = [
+    ((4, 3, 2), (None, 8, 4), 16, 9),
+    ((4, 3, 2), (None, 8, 4), 13, 9),
+    ((4, 0, 2), (None, 6, 3), 20, 6),
+    ((3, 2), (8, 4), 21, 5),
+    ((2, 2, 2), (None, 9, 3), 7, 6),
+    ((3, 2, 2), (12, 4, 2), 30, 7),
+    ((6, 2), (None, 4), 11, 4),
+    ((2, 3), (None, None), 9, 5),
+    ((5, 1), (64, 4), 10, 6),
+    ((4, 2, 1, 1), (None, 16, 8, 2), 37, 8),
+]
+
+
+def dense_multilevel(q, k, v, widths, block_sizes, causal):
+    """Explicit masked sum of per-level score matrices, then mask, softmax, @ v."""
+    T = q.shape[2]
+    t = torch.arange(T)
+    scores = torch.zeros(*q.shape[:2], T, T, dtype=q.dtype)
+    start = 0
+    for w, bs in zip(widths, block_sizes, strict=True):
+        b = T if bs is None else bs
+        same_block = (t[:, None] // b == t[None, :] // b).to(q.dtype)  # (T, T)
+        ql, kl = q[..., start : start + w], k[..., start : start + w]
+        scores = scores + (ql @ kl.transpose(-1, -2)) * same_block
+        start += w
+    if causal:
+        scores = scores.masked_fill(t[None, :] > t[:, None], float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def dense_window(q, k, v, window, causal):
+    T = q.shape[2]
+    t = torch.arange(T)
+    d = t[:, None] - t[None, :]  # query - key
+    allowed = (d >= 0) & (d < window) if causal else d.abs() < window
+    scores = (q @ k.transpose(-1, -2)).masked_fill(~allowed, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def qkv(T, W, dv, dtype=torch.float64, B=2, H=3, seed=0, grad=False):
+    g = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(B, H, T, W, generator=g, dtype=dtype) for _ in range(2))
+    v = torch.randn(B, H, T, dv, generator=g, dtype=dtype)
+    return tuple(x.requires_grad_(grad) for x in (q, k, v))
+
+
+def decode(cache, q, k, v):
+    """Feed positions one at a time; the rows, concatenated: (B, H, T, Dv)."""
+    steps = [cache.step(*(x[:, :, t : t + 1] for x in (q, k, v))) for t in range(q.shape[2])]
+    return torch.cat(steps, dim=2)
+
+
+@pytest.mark.parametrize("E, Ev", [(8, 8), (6, 10)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_single_global_level_is_sdpa(E, Ev, causal):
+    q, k, v = qkv(19, E, Ev, dtype=torch.float32)
+    out = multilevel_attention(q, k, v, [E], [None], causal)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=1.0)
+    torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("widths, block_sizes, T, dv", CONFIGS)
+def test_matches_dense_reference_and_gradients(widths, block_sizes, T, dv, causal):
+    q, k, v = qkv(T, sum(widths), dv, grad=True)
+    out = multilevel_attention(q, k, v, widths, block_sizes, causal)
+    ref = dense_multilevel(q, k, v, widths, block_sizes, causal)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g)
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("widths, block_sizes, T, dv", CONFIGS[:6])
+def test_buffer_reference_matches_dense(widths, block_sizes, T, dv, causal):
+    q, k, v = qkv(T, sum(widths), dv, grad=True)
+    out = multilevel_attention_reference(q, k, v, widths, block_sizes, causal)
+    ref = dense_multilevel(q, k, v, widths, block_sizes, causal)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    g = torch.randn_like(out)
+    for got, want in zip(
+        torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g), strict=True
+    ):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
+def test_zero_width_level_contributes_nothing():
+    q, k, v = qkv(24, 6, 5)
+    with_zero = multilevel_attention(q, k, v, [4, 0, 2], [None, 12, 6])
+    without = multilevel_attention(q, k, v, [4, 2], [None, 6])
+    torch.testing.assert_close(with_zero, without, rtol=1e-12, atol=1e-12)
+
+
+def test_float32_lm_config_matches_buffer_reference():
+    widths, block_sizes = [32, 8, 6, 4, 4, 4, 4, 2], [256, 128, 64, 32, 16, 8, 4, 2]
+    q, k, v = qkv(200, 64, 64, dtype=torch.float32, B=1, H=2)
+    q = q / 8
+    out = multilevel_attention(q, k, v, widths, [None, *block_sizes[1:]])
+    ref = multilevel_attention_reference(q, k, v, widths, [None, *block_sizes[1:]])
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("fn", ["multilevel", "window"])
+def test_causality(fn):
+    T, t0 = 29, 13
+    q, k, v = qkv(T, 7, 5)
+    run = {
+        "multilevel": lambda q, k, v: multilevel_attention(q, k, v, [3, 2, 2], [None, 8, 2]),
+        "window": lambda q, k, v: window_attention(q, k, v, 6),
+    }[fn]
+    out = run(q, k, v)
+    q2, k2, v2 = (x.clone() for x in (q, k, v))
+    for x in (q2, k2, v2):
+        x[:, :, t0 + 1 :] += torch.randn_like(x[:, :, t0 + 1 :])
+    out2 = run(q2, k2, v2)
+    torch.testing.assert_close(out2[:, :, : t0 + 1], out[:, :, : t0 + 1], rtol=0, atol=0)
+    assert not torch.allclose(out2[:, :, t0 + 1 :], out[:, :, t0 + 1 :])
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("widths, block_sizes, T, dv", CONFIGS)
+def test_regions_partition_the_allowed_pairs(widths, block_sizes, T, dv, causal):
+    """Every (query, key) pair the mask allows lies in exactly one region, scored with the prefix
+    of the deepest level whose block the pair shares."""
+    count = torch.zeros(T, T, dtype=torch.long)
+    prefix = torch.full((T, T), -1)
+    for r in plan_regions(T, widths, block_sizes, causal):
+        for j in range(r.nblk):
+            b = r.base + j * r.stride
+            for i in range(r.q_len):
+                t = b + r.q_off + i
+                keys = range(b + r.k_off, b + r.k_off + (i + 1 if r.causal else r.k_len))
+                for s in keys:
+                    count[t, s] += 1
+                    prefix[t, s] = r.prefix
+    t = torch.arange(T)
+    allowed = t[None, :] <= t[:, None] if causal else torch.ones(T, T, dtype=torch.bool)
+    assert torch.equal(count, allowed.long())
+    want = torch.zeros(T, T, dtype=torch.long)
+    start = 0
+    for w, bs in zip(widths, block_sizes, strict=True):
+        start += w
+        b = T if bs is None else bs
+        want[t[:, None] // b == t[None, :] // b] = start
+    assert torch.equal(prefix[allowed], want[allowed])
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("T, window, W, dv", [(24, 6, 5, 5), (23, 5, 4, 7), (9, 16, 6, 3)])
+def test_window_matches_dense_reference(T, window, W, dv, causal):
+    q, k, v = qkv(T, W, dv, grad=True)
+    out = window_attention(q, k, v, window, causal)
+    ref = dense_window(q, k, v, window, causal)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    g = torch.randn_like(out)
+    for got, want in zip(
+        torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g), strict=True
+    ):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize(
+    "widths, block_sizes", [((4, 3, 2), (None, 8, 4)), ((3, 2), (8, 2)), ((2, 2, 2), (None, 9, 3))]
+)
+def test_multilevel_kv_cache_reproduces_forward(widths, block_sizes):
+    T, dv = 21, 5
+    q, k, v = qkv(T, sum(widths), dv)
+    full = multilevel_attention(q, k, v, widths, block_sizes)
+    cache = MultilevelKVCache(widths, block_sizes, 2, 3, dv, torch.float64, max_len=T)
+    torch.testing.assert_close(decode(cache, q, k, v), full, rtol=1e-10, atol=1e-12)
+
+
+def test_kv_cache_evicts_fine_level_keys():
+    widths, block_sizes, dv, T = (4, 2, 2), (None, 8, 4), 8, 19
+    q, k, v = qkv(T, 8, dv, B=1, H=2)
+    cache = MultilevelKVCache(widths, block_sizes, 1, 2, dv, torch.float64, max_len=T)
+    decode(cache, q, k, v)
+    # after 19 tokens: global keys 4*19, level-1 keys 2*3 (block 16..18), level-2 keys 2*3 (16..18)
+    assert cache.nbytes() == 2 * 8 * (4 * 19 + 2 * 3 + 2 * 3 + dv * 19)
+    assert cache.nbytes() < 2 * 8 * (8 + dv) * T  # keeping every key
+    assert cache.nbytes() == kv_cache_bytes_per_token(widths, block_sizes, dv, T, 8) * T * 2
+
+
+def test_kv_cache_bytes_per_token_lm_config():
+    widths, block_sizes = [32, 8, 6, 4, 4, 4, 4, 2], [None, 512, 256, 128, 64, 32, 16, 8]
+    per_token = kv_cache_bytes_per_token(widths, block_sizes, 64, 1024, dtype_bytes=4)
+    assert per_token == (39_376 + 64 * 1024) * 4 / 1024
+
+
+def test_window_kv_cache_reproduces_forward():
+    T, window, W, dv = 17, 5, 4, 3
+    q, k, v = qkv(T, W, dv)
+    full = window_attention(q, k, v, window)
+    cache = WindowKVCache(2, 3, W, dv, window, torch.float64)
+    torch.testing.assert_close(decode(cache, q, k, v), full, rtol=1e-10, atol=1e-12)
+    assert cache.nbytes() == 2 * 3 * window * (W + dv) * 8
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize(
+    "widths, block_sizes, T, dv",
+    [*CONFIGS, ((32, 8, 8, 16), (None, 32, 16, 8), 64, 64), ((6,), (None,), 12, 4)],
+)
+def test_flops_equal_counted(widths, block_sizes, T, dv, causal):
+    q, k, v = qkv(T, sum(widths), dv, dtype=torch.float32, grad=True)
+    forward = multilevel_attention_flops(T, 3, widths, block_sizes, dv, causal, batch=2)
+    assert count_flops(lambda: multilevel_attention(q, k, v, widths, block_sizes, causal)) == (
+        forward
+    )
+    both = count_flops(
+        lambda: multilevel_attention(q, k, v, widths, block_sizes, causal).sum().backward()
+    )
+    assert both == 3 * forward
+
+
+def test_mlr_flops_lm_config():
+    """The LM config at T=1024 executes half the (query, key) pairs of dense causal attention,
+    all at head size 64 (prefix features are zero-padded to the value width)."""
+    widths, block_sizes = [32, 8, 6, 4, 4, 4, 4, 2], [None, 512, 256, 128, 64, 32, 16, 8]
+    pairs = sum(2**l * (512 // 2**l) ** 2 for l in range(7)) + 1024 * 8  # 2^l blocks at level l
+    assert multilevel_attention_flops(1024, 1, widths, block_sizes, 64) == 4 * pairs * 64
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("T, window, W, dv", [(24, 6, 5, 5), (23, 5, 4, 7)])
+def test_window_flops_equal_counted(T, window, W, dv, causal):
+    q, k, v = qkv(T, W, dv, dtype=torch.float32, grad=True)
+    forward = window_attention_flops(T, 3, W, dv, window, causal, batch=2)
+    assert count_flops(lambda: window_attention(q, k, v, window, causal)) == forward
+    both = count_flops(lambda: window_attention(q, k, v, window, causal).sum().backward())
+    assert both == 3 * forward
+
+
+@pytest.mark.parametrize(
+    "widths, block_sizes, match",
+    [
+        ((4, 2), (None,), r"same length >= 1, got 2 widths and 1 block sizes"),
+        ((4, -1), (None, 4), r"at widths\[1\]: width must be an int >= 0, got -1"),
+        ((4, 2), (8, None), r"at block_sizes\[1\]: a global level \(None\) must come before"),
+        ((4, 2), (8, 3), r"at block_sizes\[1\]: levels must be nested: .* previous 8, got 3"),
+        ((4, 2), (None, 0), r"at block_sizes\[1\]: block size must be an int >= 1 or None"),
+    ],
+)
+def test_bad_levels_raise(widths, block_sizes, match):
+    q, k, v = qkv(8, sum(max(w, 0) for w in widths), 4)
+    with pytest.raises(SpecError, match=match):
+        multilevel_attention(q, k, v, widths, block_sizes)
+
+
+def test_width_mismatch_raises():
+    q, k, v = qkv(8, 6, 4)
+    with pytest.raises(SpecError, match=r"W = sum\(widths\) = 5 features, got 6"):
+        multilevel_attention(q, k, v, [3, 2], [None, 4])
