@@ -142,14 +142,14 @@ class BTC:
         """
         sizes = self.sizes
         rename: dict[str, str] = {}
-        for i, (a, _) in enumerate(self.in_axes):
+        for i, (a, _) in enumerate((a, s) for a, s in self.in_axes if s > 1):
             rename[a] = f"i{i}"
-        for i, (a, _) in enumerate(self.out_axes):
+        for i, (a, _) in enumerate((a, s) for a, s in self.out_axes if s > 1):
             rename[a] = f"o{i}"
         n_bond = 0
         for axes in self.cores:
             for a in axes:
-                if a not in rename:
+                if a not in rename and sizes[a] > 1:
                     rename[a] = f"b{n_bond}"
                     n_bond += 1
 
@@ -164,10 +164,12 @@ class BTC:
         }
 
     def to_dict(self) -> dict:
+        """Axes as lists of [name, size] pairs: their order is the reshape order, and a
+        mapping's order would not survive serializers that sort keys (yaml.safe_dump, json)."""
         return {
-            "in_axes": {a: s for a, s in self.in_axes},
-            "out_axes": {a: s for a, s in self.out_axes},
-            "bonds": {a: s for a, s in self.bonds},
+            "in_axes": [[a, s] for a, s in self.in_axes],
+            "out_axes": [[a, s] for a, s in self.out_axes],
+            "bonds": [[a, s] for a, s in self.bonds],
             "cores": [list(c) for c in self.cores],
         }
 
@@ -187,19 +189,25 @@ class BTC:
                                 "bonds is optional)", path)
 
         def axes(key: str) -> tuple[Axis, ...]:
+            # a mapping (YAML order) or a list of [name, size] pairs (what to_dict writes)
             val = d.get(key) or {}
-            if not isinstance(val, dict):
+            if isinstance(val, dict):
+                items = list(val.items())
+            elif isinstance(val, list) and all(isinstance(p, list) and len(p) == 2
+                                               for p in val):
+                items = [(a, s) for a, s in val]
+            else:
                 raise SpecError(f"{key} must be a mapping of axis name to size, e.g. "
-                                "{i: 4, j: 16}", path + (key,))
+                                "{i: 4, j: 16}, or a list of [name, size] pairs", path + (key,))
             return tuple((str(a), _check_size(s, path + (key, a), "axis size"))
-                         for a, s in val.items())
+                         for a, s in items)
 
         cores = d["cores"]
         if not isinstance(cores, list) or not all(isinstance(c, list) for c in cores):
             raise SpecError("cores must be a list of lists of axis names, e.g. "
                             "[[i, j, b], [b, a]]", path + ("cores",))
+        in_axes, out_axes, bonds = axes("in_axes"), axes("out_axes"), axes("bonds")
         try:
-            return cls(axes("in_axes"), axes("out_axes"), axes("bonds"),
-                       tuple(tuple(str(a) for a in c) for c in cores))
+            return cls(in_axes, out_axes, bonds, tuple(tuple(str(a) for a in c) for c in cores))
         except SpecError as err:
             raise err.prefixed(path) from None

@@ -43,8 +43,8 @@ class Level:
 
 
 def _freeze(value: Any) -> Any:
-    if isinstance(value, dict):
-        return tuple((k, _freeze(v)) for k, v in value.items())
+    if isinstance(value, dict):  # sorted: key order carries no meaning (and safe_dump sorts)
+        return tuple((k, _freeze(v)) for k, v in sorted(value.items()))
     if isinstance(value, list):
         return tuple(_freeze(v) for v in value)
     return value
@@ -134,7 +134,7 @@ class MatrixSpec:
             raise SpecError("give exactly one of levels, mlr, block_diag or a structure key "
                             f"({', '.join(STRUCTURE_KEYS)}), got {shapes or 'none'}", path)
         kind = shapes[0]
-        if kind != "levels" and kind not in STRUCTURE_KEYS and "blocks" in d:
+        if kind not in STRUCTURE_KEYS and "blocks" in d:
             raise SpecError(f"blocks goes inside {kind}, not beside it", path + ("blocks",))
         if kind == "levels":
             raw = d["levels"]

@@ -106,7 +106,11 @@ def tensor_train(n: int, m: int, cores: int = 3, ranks: Sequence[int] | int = 1,
     if not isinstance(ranks, list | tuple) or len(ranks) != cores - 1:
         raise SpecError(f"ranks must be an integer or a list of {cores - 1} integers "
                         f"(cores - 1), got {ranks!r}", path + ("ranks",))
-    rs = [_rank(r, path + ("ranks",), name=str(k)) for k, r in enumerate(ranks)]
+    for k, r in enumerate(ranks):
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise SpecError(f"ranks[{k}] must be an integer >= 1, got {r!r}",
+                            path + ("ranks", k))
+    rs = list(ranks)
     ns = _factors(n, in_factors, cores, path, "in_factors")
     ms = _factors(m, out_factors, cores, path, "out_factors")
     core_axes = []
