@@ -185,6 +185,19 @@ def _score(d: Any, width: int, path: tuple) -> MatrixSpec:
     return MatrixSpec.from_dict(d, path, width, width)
 
 
+def _preset_score(d: dict, width: int, path: tuple) -> MatrixSpec:
+    """The score matrix of a bilinear preset; errors name the preset's own keys
+    (``attention.in_factors``, not ``attention.btt.in_factors``; ``attention.ranks`` for the
+    derived ``mlr.blocks``)."""
+    try:
+        return _score(d, width, path)
+    except SpecError as err:
+        inner = err.path[len(path) + 1:] if err.path[:len(path)] == path else err.path
+        if inner[:1] == ("blocks",):
+            inner = ("ranks",)
+        raise SpecError(err.message, path + inner) from None
+
+
 def _ranks(d: dict, path: tuple, allow_zero: bool) -> list[int]:
     ranks = d.get("ranks")
     if not isinstance(ranks, list) or not ranks:
@@ -230,11 +243,12 @@ def _expand(kind: str, d: dict, width: int, seq_len: int | None,
         return (HeadGroup(g, (std,)), HeadGroup(heads - g, (std,), window))
     if kind == "bilinear_btt":
         params = {k: d[k] for k in ("rank", "in_factors", "out_factors") if k in d}
-        return (HeadGroup(heads, (ScoreLevel(None, _score({"btt": params}, width, path)),)),)
+        score = _preset_score({"btt": params}, width, path)
+        return (HeadGroup(heads, (ScoreLevel(None, score),)),)
     if kind == "bilinear_mlr":
         ranks = _ranks(d, path, allow_zero=False)
         mlr = {"mlr": {"ranks": ranks, "blocks": [2**i for i in range(len(ranks))]}}
-        return (HeadGroup(heads, (ScoreLevel(None, _score(mlr, width, path)),)),)
+        return (HeadGroup(heads, (ScoreLevel(None, _preset_score(mlr, width, path)),)),)
     # kind == "mlr": sequence levels with block sizes T / 2^l, rank r_l each
     ranks = _ranks(d, path, allow_zero=True)
     sizes = d.get("block_sizes")
@@ -250,7 +264,8 @@ def _expand(kind: str, d: dict, width: int, seq_len: int | None,
     if not isinstance(sizes, list) or len(sizes) != len(ranks):
         raise SpecError(f"block_sizes must be a list of {len(ranks)} entries (one per rank)",
                         path + ("block_sizes",))
-    levels = []
+    levels: list[ScoreLevel] = []
+    prev: int | None = None
     for i, (r, bs) in enumerate(zip(ranks, sizes, strict=True)):
         if bs is not None:
             bs = _int(bs, path + ("block_sizes", i), "block size")
@@ -258,6 +273,13 @@ def _expand(kind: str, d: dict, width: int, seq_len: int | None,
                 bs = None if i == 0 else bs
         if r == 0:
             continue
+        if levels and bs is None:
+            raise SpecError("only the first level may be global (null); block sizes go from "
+                            "coarse to fine", path + ("block_sizes", i))
+        if bs is not None and prev is not None and prev % bs:
+            raise SpecError(f"block sizes must be nested: each must divide the previous "
+                            f"level's ({prev}), got {bs}", path + ("block_sizes", i))
+        prev = bs if bs is not None else prev
         levels.append(ScoreLevel(bs, _score({"low_rank": {"rank": r}}, width,
                                             path + ("ranks", i))))
     return (HeadGroup(heads, tuple(levels)),)

@@ -221,8 +221,8 @@ def _int(value: Any, path: tuple, name: str) -> int:
 
 
 def _freeze(value: Any) -> Any:
-    if isinstance(value, dict):
-        return tuple((k, _freeze(v)) for k, v in value.items())
+    if isinstance(value, dict):  # sorted: key order carries no meaning (and safe_dump sorts)
+        return tuple((k, _freeze(v)) for k, v in sorted(value.items(), key=lambda kv: str(kv[0])))
     if isinstance(value, list):
         return ("__list__",) + tuple(_freeze(v) for v in value)
     return value
