@@ -9,6 +9,7 @@ from __future__ import annotations
 from .btc import BTC
 from .errors import MlbtcError, SpecError, TrainingError, UsageError
 from .linear import StructuredLinear, compile_matrix
+from .load import load
 from .matrix import Level, MatrixSpec
 from .mup import make_adamw, param_groups
 from .plan import bilinear_cut, flops, graph, params, plan
@@ -26,6 +27,7 @@ __all__ = [
     "compile_matrix",
     "flops",
     "graph",
+    "load",
     "make_adamw",
     "param_groups",
     "params",
