@@ -1,6 +1,7 @@
 """Speed of the attention kernels, forward + backward, relative to fused SDPA in the same run.
 
     python benchmarks/bench_attention.py [--T 1024] [--batch 4] [--heads 8] [--repeats 7]
+                                         [--threads N] [--skip-naive]
 
 Default problem: T=1024, batch 4, 8 heads of 64, fp32, CPU, causal. MLR uses 8 levels with block
 sizes T, T/2, ..., T/128 and widths 32, 8, 6, 4, 4, 4, 4, 2. Times are medians over repeats after
@@ -87,8 +88,11 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--window", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     parser.add_argument("--skip-naive", action="store_true", help="skip the slowest variant")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     T, B, H, d = args.T, args.batch, args.heads, 64
     block_sizes = [T >> l for l in range(len(WIDTHS))]
     mlr_levels = [None, *block_sizes[1:]]

@@ -118,6 +118,28 @@ def _block_regions(
     return out
 
 
+def _chain(b: int, sub: int, T: int) -> list[int]:
+    """Block sizes strictly between ``b`` and ``sub`` that keep the levels nested and cut the
+    step from ``b`` to ``sub`` into ratios of small primes (2 where possible), so that a level
+    costs a few batched regions instead of ``b / sub - 1`` single ones."""
+    chain = []
+    if b >= T:  # one block holding everything: powers of two times sub
+        c = sub * 2
+        while c < T:
+            chain.append(c)
+            c *= 2
+        return chain[::-1]
+    m, c, p = b // sub, b, 2
+    while m > 1:
+        while m % p:
+            p += 1
+        m //= p
+        c //= p
+        if m > 1:
+            chain.append(c)
+    return chain
+
+
 def plan_regions(
     T: int, widths: Sequence[int], block_sizes: Sequence[int | None], causal: bool = True
 ) -> tuple[Region, ...]:
@@ -125,22 +147,29 @@ def plan_regions(
 
     A level whose block is ``None`` or at least ``T`` is global. If the coarsest level is blocked,
     an implicit global level of width 0 is prepended (pairs in no common block score 0, they are
-    not masked). Every (query, key) pair that the mask allows lies in exactly one region.
+    not masked). Between two levels, virtual levels with the coarser prefix halve the blocks
+    (``_chain``). Every (query, key) pair that the mask allows lies in exactly one region.
     """
     check_levels(widths, block_sizes)
-    sizes = [T if bs is None else min(bs, T) for bs in block_sizes]
+    given = [T if bs is None else min(bs, T) for bs in block_sizes]
     prefixes = [sum(widths[: l + 1]) for l in range(len(widths))]
-    if sizes[0] < T:
-        sizes, prefixes = [T, *sizes], [0, *prefixes]
+    if given[0] < T:
+        given, prefixes = [T, *given], [0, *prefixes]
+    sizes, prefix = [given[0]], [prefixes[0]]
+    for l in range(1, len(given)):
+        if given[l] < sizes[-1]:
+            virtual = _chain(sizes[-1], given[l], T)
+            sizes += [*virtual, given[l]]
+            prefix += [prefix[-1]] * len(virtual) + [prefixes[l]]
+        else:  # same blocks as the level above: its features join the same region
+            prefix[-1] = prefixes[l]
     regions: list[Region] = []
     for l in reversed(range(len(sizes))):
         b = sizes[l]
         sub = sizes[l + 1] if l + 1 < len(sizes) else None
-        if sub is not None and sub >= b:
-            continue  # every pair sharing a level-l block shares the level-(l+1) block too
         nb, rem = divmod(T, b)
-        regions += _block_regions(0, b, nb, sub, prefixes[l], causal)
-        regions += _block_regions(nb * b, rem, 1, sub, prefixes[l], causal)
+        regions += _block_regions(0, b, nb, sub, prefix[l], causal)
+        regions += _block_regions(nb * b, rem, 1, sub, prefix[l], causal)
     return tuple(regions)
 
 

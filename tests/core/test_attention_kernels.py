@@ -21,8 +21,18 @@ from mlbtc_search.attention_kernels import (
 from mlbtc_search.errors import SpecError
 from mlbtc_search.flopcount import count_flops
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread is faster and immune to other processes' load."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # (widths, block_sizes, T, dv): global + nested levels, width 0, partial final blocks, an implicit
-# global root (coarsest level blocked), ratios 2, 3 and 4, block sizes above T, W < dv and W > dv.
+# global root (coarsest level blocked), ratios 2 to 12, block sizes above T, W < dv and W > dv.
 CONFIGS = [
     ((4, 3, 2), (None, 8, 4), 16, 9),
     ((4, 3, 2), (None, 8, 4), 13, 9),
@@ -34,6 +44,8 @@ CONFIGS = [
     ((2, 3), (None, None), 9, 5),
     ((5, 1), (64, 4), 10, 6),
     ((4, 2, 1, 1), (None, 16, 8, 2), 37, 8),
+    ((2, 2), (None, 2), 37, 4),  # global + tiny blocks: virtual halving levels
+    ((3, 1, 2), (None, 24, 2), 50, 5),  # 24 -> 12 -> 6 -> 2 (ratio 3 last)
 ]
 
 
@@ -242,6 +254,12 @@ def test_flops_equal_counted(widths, block_sizes, T, dv, causal):
     assert both == 3 * forward
 
 
+def test_large_block_ratios_run_few_regions():
+    """Global + blocks of 8 at T=1024 is cut by halving: 7 batched rectangles and the diagonal,
+    not 127 single rectangles."""
+    assert len(plan_regions(1024, [32, 32], [None, 8])) == 8
+
+
 def test_mlr_flops_lm_config():
     """The LM config at T=1024 executes half the (query, key) pairs of dense causal attention,
     all at head size 64 (prefix features are zero-padded to the value width)."""
@@ -280,3 +298,21 @@ def test_width_mismatch_raises():
     q, k, v = qkv(8, 6, 4)
     with pytest.raises(SpecError, match=r"W = sum\(widths\) = 5 features, got 6"):
         multilevel_attention(q, k, v, [3, 2], [None, 4])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False])
+def test_cuda_fallbacks_match_cpu_kernels(causal):
+    """Off CPU, multilevel attention runs the one-buffer path and window attention SDPA with a
+    mask; both must agree with the CPU kernels, gradients included."""
+    widths, block_sizes = (4, 3, 2), (None, 8, 4)
+    inputs = qkv(13, 9, 6)
+    results = []
+    for device in ("cpu", "cuda"):
+        q, k, v = (x.detach().to(device).requires_grad_() for x in inputs)
+        out = multilevel_attention(q, k, v, widths, block_sizes, causal)
+        out = out + window_attention(q, k, v, 5, causal)
+        out.pow(2).sum().backward()
+        results.append([x.detach().cpu() for x in (out, q.grad, k.grad, v.grad)])
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-11)
