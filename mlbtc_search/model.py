@@ -389,6 +389,10 @@ def _attention_modules(spec: ModelSpec) -> list[Attention]:
 
 def layer_costs(spec: ModelSpec, seq_len: int | None = None) -> list[dict]:
     T = seq_len or spec.max_seq_len
+    if not 1 <= T <= spec.max_seq_len:
+        raise SpecError(f"the sequence length must be between 1 and max_seq_len="
+                        f"{spec.max_seq_len} (the model cannot run longer ones), got {T}",
+                        ("max_seq_len",))
     mlp_f = matrix_flops(spec.mlp_up) + matrix_flops(spec.mlp_down)
     mlp_p = spec.mlp_up.params + spec.mlp_down.params
     out = []

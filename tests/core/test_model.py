@@ -152,6 +152,18 @@ def test_non_embedding_conventions():
     assert model_flops(tok, embedding=True) - model_flops(tok) == 2 * D * TOKENS["output_dim"]
 
 
+def test_costs_need_a_length_the_model_can_run():
+    spec = ModelSpec.from_dict(model_doc(ATTENTION["mlr"]))
+    for fn in (model_flops, kv_cache_bytes, model_report):
+        with pytest.raises(
+            SpecError,
+            match=r"at max_seq_len: the sequence length must be "
+            r"between 1 and max_seq_len=32 .*, got 33",
+        ):
+            fn(spec, T_MAX + 1)
+    assert model_flops(spec, 1) < model_flops(spec, T_MAX)
+
+
 def test_report_agrees_with_the_functions():
     spec = ModelSpec.from_dict(variant_doc("layers"))
     r = model_report(spec, seq_len=16)
@@ -193,7 +205,7 @@ def test_mlr_caches_fewer_bytes_than_standard():
     assert kv_cache_bytes(mlr) == 2 * 4 * per_head_mlr == 428
     assert kv_cache_bytes(mlr) < kv_cache_bytes(std)
     window = ModelSpec.from_dict(model_doc(ATTENTION["sliding_window"]))
-    assert kv_cache_bytes(window, 64) < kv_cache_bytes(window, 32) < kv_cache_bytes(std)
+    assert kv_cache_bytes(window, 32) < kv_cache_bytes(window, 16) < kv_cache_bytes(std)
 
 
 def test_mlr_cache_evicts_fine_level_keys():

@@ -93,6 +93,12 @@ def test_inspect_seq_len(own_model, capsys):
     assert report["flops_per_token"] < model_flops(spec, 32)
 
 
+def test_inspect_seq_len_beyond_the_model(own_model, capsys):
+    assert main(["inspect", str(own_model), "--seq-len", "64"]) == 2
+    err = error_line(capsys)
+    assert "max_seq_len: the sequence length must be between 1 and max_seq_len=32" in err
+
+
 def test_inspect_own_model_text(own_model, capsys):
     assert main(["inspect", str(own_model)]) == 0
     out = capsys.readouterr().out
