@@ -173,6 +173,26 @@ def plan_regions(
     return tuple(regions)
 
 
+CAUSAL_FINEST_BLOCK = 16
+
+
+def kernel_levels(
+    T: int, widths: Sequence[int], block_sizes: Sequence[int | None], causal: bool
+) -> tuple[tuple[int, ...], tuple[int | None, ...]]:
+    """The levels the kernel runs: for causal attention whose finest block is longer than
+    ``CAUSAL_FINEST_BLOCK``, a zero-width level of that block size is appended.
+
+    That splits the masked triangle into unmasked rectangles (virtual halving levels) plus small
+    causal blocks, so every causal variant, standard attention included, executes and is charged
+    about T^2/2 score work instead of T^2 for one fused causal call: FLOPs stay comparable
+    across structures, and they are what runs. Values are unchanged (width 0 adds no score).
+    """
+    finest = min(T if bs is None else min(bs, T) for bs in block_sizes)
+    if causal and finest > CAUSAL_FINEST_BLOCK:
+        return (*widths, 0), (*block_sizes, CAUSAL_FINEST_BLOCK)
+    return tuple(widths), tuple(block_sizes)
+
+
 def _plain_sdpa(T: int, widths: Sequence[int], block_sizes: Sequence[int | None], dv: int) -> bool:
     """True when every level is global and q, k, v have one head size: one fused SDPA call.
 
@@ -193,6 +213,7 @@ def multilevel_attention_flops(
 ) -> int:
     """Forward FLOPs of ``multilevel_attention`` exactly as ``flopcount.count_flops`` measures them
     (backward is twice this)."""
+    widths, block_sizes = kernel_levels(T, widths, block_sizes, causal)
     if _plain_sdpa(T, widths, block_sizes, dv):
         return sdpa_forward_flops(
             (batch, heads, T, dv), (batch, heads, T, dv), (batch, heads, T, dv)
@@ -338,13 +359,16 @@ def multilevel_attention(
     ``block_sizes[l]`` (None: one global block); levels are nested. Scales are folded into q.
     T need not be a multiple of the block sizes (the last block is partial); a width may be 0.
 
-    Plain attention (all levels global, W == Dv) is one ``F.scaled_dot_product_attention`` call;
+    Plain non-causal attention (all levels global, W == Dv) is one fused
+    ``F.scaled_dot_product_attention`` call; causal attention always runs regions (see
+    ``kernel_levels``);
     anything else runs the region kernel on CPU and the one-buffer reference on other devices
     (``multilevel_attention_flops`` describes the CPU kernels).
     """
     check_levels(widths, block_sizes)
     _check_qkv(q, k, v, sum(widths))
     T = q.shape[2]
+    widths, block_sizes = kernel_levels(T, widths, block_sizes, causal)
     if _plain_sdpa(T, widths, block_sizes, v.shape[-1]):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=1.0)
     if q.device.type != "cpu":  # the region kernel uses the CPU fused op
