@@ -1,0 +1,398 @@
+"""The Optuna side of a search: open the study, ask for trainable candidates, record outcomes.
+
+Only the driver runs this (the storage has one writer). It implements the STORAGE CONTRACT
+(see ``studies/runner.py``) and the failure rules:
+
+- *infeasible* (invalid architecture, or over ``max_flops``/``max_params``): told FAIL with
+  ``status: infeasible`` and the reason as soon as it is sampled; never trained.
+- *duplicate* (the same architecture hash, training settings and seed as a COMPLETE or running
+  trial): told FAIL with ``status: duplicate`` and ``duplicate_of``; never trained. The training
+  settings are part of the key because a space may search ``train.lr``.
+- *failed* (an error, NaN, divergence, a dead worker, a dead driver, Ctrl-C): FAIL with
+  ``status: failed`` and the reason. Failures that say nothing about the architecture (a dead
+  worker or driver, an interruption) are re-enqueued once with the same parameters; the new
+  trial has ``retry_of`` and the failed one ``retried: true``.
+
+"Trials" in ``space.trials`` counts trained trials: COMPLETE plus failed ones that will not be
+retried. Infeasible and duplicate proposals do not count (they cost no training).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+from optuna.trial import FrozenTrial, TrialState
+
+from mlbtc_search.errors import UsageError
+
+from .pareto import hv_point, hypervolume_2d, pareto_front
+from .progress import Snapshot
+from .space import Candidate, SearchSpace, make_sampler
+from .storage import artifact_dir_for, study_info, study_names
+
+log = logging.getLogger(__name__)
+
+STALE_REASON = "driver died (stale RUNNING trial)"
+MAX_CONSECUTIVE_REJECTS = 100
+HOOK_ENV = "MLBTC_TEST_TRIAL_HOOK"
+# Settings that make results comparable: a study refuses to continue under other values.
+IDENTITY_KEYS = ("space_hash", "task", "budget_flops", "train", "seed", "objectives")
+
+
+@contextlib.contextmanager
+def quiet_optuna() -> Iterator[None]:
+    """Optuna without its per-trial INFO lines and experimental-API warnings."""
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            yield
+    finally:
+        optuna.logging.set_verbosity(level)
+
+
+def code_version() -> str:
+    """``mlbtc_search.__version__`` plus the git commit of the source tree when there is one
+    (read from ``.git`` directly: no subprocess)."""
+    import mlbtc_search
+
+    version = mlbtc_search.__version__
+    git = Path(mlbtc_search.__file__).resolve().parent.parent / ".git"
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        head = (git / "HEAD").read_text().strip()
+        sha = head
+        if head.startswith("ref: "):
+            ref = head[5:]
+            if (git / ref).is_file():
+                sha = (git / ref).read_text().strip()
+            else:
+                packed = (git / "packed-refs").read_text().splitlines()
+                sha = next(line.split()[0] for line in packed if line.endswith(" " + ref))
+        if len(sha) >= 7 and all(c in "0123456789abcdef" for c in sha):
+            version += f"+g{sha[:7]}"
+    return version
+
+
+def study_identity(space: SearchSpace) -> dict[str, Any]:
+    return {"space_hash": space.hash(), "task": space.task, "budget_flops": space.budget_flops,
+            "train": dict(space.train), "seed": space.seed, "objectives": list(space.objectives)}
+
+
+def open_study(storage: optuna.storages.BaseStorage, space: SearchSpace, url: str,
+               version: str) -> tuple[optuna.Study, Path]:
+    """Create the study, or load it to resume; returns it with its artifact directory.
+
+    Resuming under a different space, task, budget, training settings, seed or objectives is a
+    UsageError (the old and new trials would not be comparable); ``trials``, ``workers``,
+    ``constraints`` and ``baselines`` may change.
+    """
+    identity = study_identity(space)
+    sampler = make_sampler(space)
+    with quiet_optuna():
+        if space.name in study_names(storage):
+            study = optuna.load_study(study_name=space.name, storage=storage, sampler=sampler)
+            info = study_info(study)
+            if not info:
+                raise UsageError(f"study {space.name!r} exists in this storage but was not made "
+                                 "by mlbtc search; choose another name with --name")
+            changed = [k for k in IDENTITY_KEYS if info.get(k, identity[k]) != identity[k]]
+            if changed:
+                raise UsageError(
+                    f"study {space.name!r} exists with a different {', '.join(changed)} than "
+                    f"{space.source}; its trials would not be comparable: start a new study "
+                    "with --name NEW, or restore the file")
+            artifact_dir = Path(info["artifact_dir"])
+        else:
+            directions = ["minimize"] * len(space.objectives)
+            study = optuna.create_study(storage=storage, sampler=sampler,
+                                        study_name=space.name, directions=directions)
+            study.set_metric_names(list(space.objectives))
+            artifact_dir = artifact_dir_for(url, space.name)
+        study.set_user_attr("mlbtc", {
+            "space": space.to_dict(), "task": space.task, "budget_flops": space.budget_flops,
+            "objectives": list(space.objectives), "artifact_dir": str(artifact_dir),
+            "code_version": version, **identity,
+        })
+    artifact_dir.mkdir(parents=True, exist_ok=True)
+    return study, artifact_dir
+
+
+def dedup_key(spec_hash: str, train: dict[str, Any], seed: int) -> str:
+    blob = json.dumps({"train": train, "seed": seed}, sort_keys=True, default=str)
+    return f"{spec_hash}:{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+@dataclass
+class Pending:
+    """A trial that was asked, found trainable and handed to a worker."""
+
+    trial: optuna.Trial
+    candidate: Candidate
+    key: str
+    retry_of: int | None
+    submitted: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Counts:
+    ok: int = 0
+    failed: int = 0
+    failed_final: int = 0  # failed and not retried: counts towards space.trials
+    infeasible: int = 0
+    duplicate: int = 0
+
+    @property
+    def done(self) -> int:
+        return self.ok + self.failed_final
+
+
+class Recorder:
+    """Asks, checks and records the trials of one study (see the module doc)."""
+
+    def __init__(self, study: optuna.Study, space: SearchSpace,
+                 store: FileSystemArtifactStore, version: str):
+        self.study = study
+        self.space = space
+        self.store = store
+        self.version = version
+        self.counts = Counts()
+        self.known: dict[str, int] = {}  # dedup key -> trial number (COMPLETE or running)
+        self.points: list[tuple[float, float]] = []  # (loss, flops) of COMPLETE trials
+        self.train_seconds = 0.0
+        self.hook = _read_hook()
+        self._trials = study.get_trials(deepcopy=False)
+        for t in self._trials:
+            self._count(t)
+
+    # ---- reading the study ---------------------------------------------------------------
+    def _count(self, t: FrozenTrial) -> None:
+        ua = t.user_attrs
+        if t.state == TrialState.COMPLETE:
+            self.counts.ok += 1
+            if "hash" in ua:
+                self.known[dedup_key(ua["hash"], ua.get("train", {}), ua.get("seed", 0))] = (
+                    t.number)
+            if t.values and len(t.values) >= 2:
+                self.points.append((t.values[0], t.values[1]))
+        elif t.state == TrialState.FAIL:
+            status = ua.get("status")
+            if status == "infeasible":
+                self.counts.infeasible += 1
+            elif status == "duplicate":
+                self.counts.duplicate += 1
+            else:
+                self.counts.failed += 1
+                if not ua.get("retried"):
+                    self.counts.failed_final += 1
+
+    def reap_stale(self) -> list[int]:
+        """Fail the trials a killed driver left RUNNING; re-enqueue each once."""
+        stale = [t for t in self._trials if t.state == TrialState.RUNNING]
+        storage = self.study._storage
+        for t in stale:
+            retry = t.user_attrs.get("retry_of") is None
+            with quiet_optuna():
+                storage.set_trial_user_attr(t._trial_id, "status", "failed")
+                storage.set_trial_user_attr(t._trial_id, "reason", STALE_REASON)
+                if retry:
+                    storage.set_trial_user_attr(t._trial_id, "retried", True)
+                self.study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+                if retry:
+                    self.study.enqueue_trial(dict(t.params), user_attrs={"retry_of": t.number})
+            self.counts.failed += 1
+            self.counts.failed_final += 0 if retry else 1
+        self._trials = []
+        return [t.number for t in stale]
+
+    def enqueue_baselines(self) -> None:
+        """Baselines go first (WAITING trials are asked before any sampled one), once."""
+        with quiet_optuna():
+            for i, baseline in enumerate(self.space.baselines):
+                self.study.enqueue_trial(self.space.fixed_params(baseline),
+                                         user_attrs={"baseline": i}, skip_if_exists=True)
+
+    # ---- asking ----------------------------------------------------------------------------
+    def ask(self) -> Pending | None:
+        """The next trainable candidate; None once MAX_CONSECUTIVE_REJECTS proposals in a row
+        were infeasible or duplicates (the space is exhausted or over-constrained)."""
+        for _ in range(MAX_CONSECUTIVE_REJECTS):
+            with quiet_optuna():
+                trial = self.study.ask()
+                cand = self.space.sample(trial)
+            retry_of = trial.user_attrs.get("retry_of")
+            base = {"seed": self.space.seed, "budget_flops": self.space.budget_flops,
+                    "code_version": self.version, "train": cand.train}
+            if cand.spec is None or not cand.feasible:
+                self._reject(trial, {**base, **_costs(cand), "status": "infeasible",
+                                     "reason": cand.error or cand.reason})
+                self.counts.infeasible += 1
+                continue
+            key = dedup_key(cand.spec.hash(), cand.train, self.space.seed)
+            if key in self.known:
+                other = self.known[key]
+                self._reject(trial, {**base, **_describe(cand), "status": "duplicate",
+                                     "reason": f"same architecture and training settings as "
+                                               f"trial {other}", "duplicate_of": other})
+                self.counts.duplicate += 1
+                continue
+            self._set_attrs(trial, {**base, **_describe(cand)})
+            self.known[key] = trial.number
+            return Pending(trial, cand, key, retry_of)
+        return None
+
+    def _reject(self, trial: optuna.Trial, attrs: dict[str, Any]) -> None:
+        self._set_attrs(trial, attrs)
+        with quiet_optuna():
+            self.study.tell(trial, state=TrialState.FAIL)
+
+    @staticmethod
+    def _set_attrs(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+
+    def payload(self, p: Pending) -> dict[str, Any]:
+        """What :func:`studies.worker.run_trial` needs (plain JSON-able data)."""
+        train = dict(p.candidate.train)
+        cpus, gpus = self.space.resources["cpus"], self.space.resources["gpus"]
+        if gpus > 0 and "device" not in train:
+            train["device"] = "cuda"
+        hook = self.hook if self.hook and self.hook.get("trial") == p.trial.number else None
+        assert p.candidate.spec is not None
+        return {
+            "trial": p.trial.number, "spec": p.candidate.spec.to_dict(), "task": self.space.task,
+            "budget_flops": self.space.budget_flops, "seed": self.space.seed, "train": train,
+            "threads": int(train.get("threads") or max(1, int(cpus))),
+            "objectives": list(self.space.objectives), "hook": hook,
+        }
+
+    # ---- recording -------------------------------------------------------------------------
+    def record(self, p: Pending, out: dict[str, Any]) -> str:
+        """Record a worker's answer (:func:`studies.worker.run_trial`); returns the status."""
+        where = {k: out.get(k) for k in ("node", "host") if out.get(k) is not None}
+        wall = time.monotonic() - p.submitted
+        if "error" in out:
+            return self.fail(p, out["error"], retry=out["error"] == "interrupted",
+                             attrs={**where, "wall_s": wall})
+        res = out["result"]
+        self.train_seconds += float(res.get("seconds") or 0.0)
+        attrs = {
+            **where, "spec": res["spec"], "hash": res["hash"], "family": res["family"],
+            "flops_per_token": res["flops_per_token"], "params": res["params"],
+            "val_loss": res["val_loss"], "metric": res["metric"],
+            "metric_name": res["metric_name"], "curve": res["curve"], "seed": res["seed"],
+            "budget_flops": res["budget_flops"], "steps": res["steps"],
+            "tokens": res["tokens"], "train_flops": res["train_flops"],
+            "duration_s": res["seconds"], "wall_s": wall, "code_version": self.version,
+            "train_status": res["status"],
+        }
+        if "latency_s" in out:
+            attrs["latency_s"] = out["latency_s"]
+        loss = res.get("val_loss")
+        if res["status"] != "ok" or loss is None or not math.isfinite(loss):
+            reason = res.get("reason") or f"training ended with status {res['status']}"
+            return self.fail(p, reason, retry=res["status"] == "interrupted", attrs=attrs)
+        values = self._values(p.candidate, res, out)
+        attrs["weights_artifact_id"] = self._upload(p.trial, out["weights"])
+        self._set_attrs(p.trial, {**attrs, "status": "ok", "reason": None})
+        with quiet_optuna():
+            self.study.tell(p.trial, values)
+        self.counts.ok += 1
+        self.points.append((values[0], values[1]))
+        return "ok"
+
+    def _values(self, cand: Candidate, res: dict[str, Any], out: dict[str, Any]) -> list[float]:
+        extra = {"params": res["params"], "kv_cache_bytes": cand.kv_cache_bytes,
+                 "latency": out.get("latency_s")}
+        values = [float(res["val_loss"]), float(res["flops_per_token"])]
+        for name in self.space.objectives[2:]:
+            values.append(float(extra[name]) if extra[name] is not None else math.nan)
+        return values
+
+    def _upload(self, trial: optuna.Trial, weights: bytes) -> str:
+        with tempfile.TemporaryDirectory(prefix="mlbtc-weights-") as tmp:
+            path = os.path.join(tmp, f"trial-{trial.number}.safetensors")
+            with open(path, "wb") as fh:
+                fh.write(weights)
+            with quiet_optuna():
+                return upload_artifact(artifact_store=self.store, file_path=path,
+                                       study_or_trial=trial,
+                                       mimetype="application/octet-stream")
+
+    def fail(self, p: Pending, reason: str, retry: bool,
+             attrs: dict[str, Any] | None = None) -> str:
+        """FAIL ``p`` with ``status: failed``; re-enqueue it once when ``retry``."""
+        retry = retry and p.retry_of is None
+        final = {**(attrs or {}), "status": "failed", "reason": reason}
+        if retry:
+            final["retried"] = True
+        self._set_attrs(p.trial, final)
+        with quiet_optuna():
+            self.study.tell(p.trial, state=TrialState.FAIL, skip_if_finished=True)
+            if retry:
+                self.study.enqueue_trial(dict(p.trial.params),
+                                         user_attrs={"retry_of": p.trial.number})
+        if self.known.get(p.key) == p.trial.number:
+            del self.known[p.key]
+        self.counts.failed += 1
+        self.counts.failed_final += 0 if retry else 1
+        return "failed"
+
+    # ---- progress ---------------------------------------------------------------------------
+    def snapshot(self, running: int, elapsed: float, eta: float | None) -> Snapshot:
+        hv_points = [hv_point(loss, flops) for loss, flops in self.points]
+        front = pareto_front(self.points)
+        return Snapshot(
+            target=self.space.trials, done=self.counts.done, ok=self.counts.ok,
+            running=running, failed=self.counts.failed, infeasible=self.counts.infeasible,
+            duplicate=self.counts.duplicate, front_size=len(front),
+            hypervolume=hypervolume_2d(hv_points) if hv_points else None,
+            elapsed_s=elapsed, eta_s=eta)
+
+
+def _costs(cand: Candidate) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if cand.flops_per_token is not None:
+        out["flops_per_token"] = cand.flops_per_token
+    if cand.params_count is not None:
+        out["params"] = cand.params_count
+    if cand.kv_cache_bytes is not None:
+        out["kv_cache_bytes_per_token"] = cand.kv_cache_bytes
+    if cand.spec is not None:
+        out.update(spec=cand.spec.to_dict(), hash=cand.spec.hash(), family=cand.spec.family)
+    return out
+
+
+def _describe(cand: Candidate) -> dict[str, Any]:
+    assert cand.spec is not None
+    return _costs(cand)
+
+
+def _read_hook() -> dict[str, Any] | None:
+    raw = os.environ.get(HOOK_ENV)
+    if not raw:
+        return None
+    try:
+        hook = json.loads(raw)
+    except json.JSONDecodeError:
+        log.warning("ignoring %s: not JSON: %r", HOOK_ENV, raw)
+        return None
+    return hook if isinstance(hook, dict) else None
+
+
+__all__ = ["Counts", "Pending", "Recorder", "STALE_REASON", "code_version", "dedup_key",
+           "open_study", "quiet_optuna", "study_identity"]

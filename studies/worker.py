@@ -1,0 +1,104 @@
+"""What runs on a Ray worker for one trial: build the task, train, return results and weights.
+
+:func:`run_trial` takes a plain JSON-able payload (made by the driver, see
+``studies.trials.Recorder.payload``) and returns a plain dict; it never touches the study
+storage (the driver is its only writer). Errors inside training come back as
+``{"error": "..."}``; only a dead worker process makes the Ray call itself fail.
+
+Returned dict: ``result`` (``TrainResult.to_json()``), ``weights`` (safetensors bytes of the
+state dict, for status ``ok``), ``latency_s`` (when the objectives ask for it), and where it ran:
+``node`` (Ray node id), ``host``, ``pid``.
+
+Test hook: a payload ``hook`` ``{"sleep_s": S, "pid_dir": D}`` (set by the driver from the
+``MLBTC_TEST_TRIAL_HOOK`` environment variable for one trial number) writes ``D/trial-N.pid`` and
+sleeps ``S`` seconds before training, so tests can kill a worker mid-trial.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+LATENCY_REPEATS = 5
+
+
+def _where() -> dict[str, Any]:
+    out: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid(), "node": None}
+    try:
+        import ray
+
+        if ray.is_initialized():
+            out["node"] = ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - where we ran is informative only
+        pass
+    return out
+
+
+def _hook(payload: dict[str, Any]) -> None:
+    hook = payload.get("hook")
+    if not hook:
+        return
+    pid_dir = hook.get("pid_dir")
+    if pid_dir:
+        path = Path(pid_dir) / f"trial-{payload['trial']}.pid"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(str(os.getpid()))
+        tmp.replace(path)
+    deadline = time.monotonic() + float(hook.get("sleep_s", 0))
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def measure_latency(model: Any, task: Any, device: str) -> float:
+    """Median seconds of one forward pass on a batch of one full-length validation sequence."""
+    import torch
+
+    inputs, _ = task.batch("val", 1, torch.Generator().manual_seed(0))
+    inputs = inputs.to(device)
+    times = []
+    with torch.no_grad():
+        model(inputs)  # warm-up
+        for _ in range(LATENCY_REPEATS):
+            start = time.perf_counter()
+            model(inputs)
+            times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def run_trial(payload: dict[str, Any]) -> dict[str, Any]:
+    """Train one trial (see the module doc); never raises for a training problem."""
+    where = _where()
+    try:
+        import safetensors.torch
+        import torch
+
+        from mlbtc_search.model import ModelSpec
+        from trainers.tasks import get_task
+        from trainers.train import TrainConfig, train
+
+        torch.set_num_threads(int(payload.get("threads") or 1))
+        _hook(payload)
+        task = get_task(payload["task"]["name"], **payload["task"].get("options", {}))
+        spec = ModelSpec.from_dict(payload["spec"])
+        config = TrainConfig(**payload.get("train", {}))
+        result = train(spec, task, float(payload["budget_flops"]), seed=int(payload["seed"]),
+                       config=config)
+        out: dict[str, Any] = {**where, "result": result.to_json()}
+        if result.status == "ok":
+            out["weights"] = safetensors.torch.save(result.state_dict())
+            if "latency" in payload.get("objectives", ()):
+                out["latency_s"] = measure_latency(result.model, task, config.device)
+        return out
+    except KeyboardInterrupt:
+        return {**where, "error": "interrupted"}
+    except Exception as exc:  # noqa: BLE001 - reported to the driver, recorded on the trial
+        detail = " ".join(str(exc).split()) or "".join(
+            traceback.format_exception_only(type(exc), exc)).strip()
+        return {**where, "error": f"{type(exc).__name__}: {detail}"}
+
+
+__all__ = ["run_trial", "measure_latency"]
