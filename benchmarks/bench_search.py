@@ -10,7 +10,12 @@
     recorded one (Ray start-up is reported on its own line).
 (b) Parallel speed-up: the same batch of ``--batch`` equal trials (one architecture, eight
     learning rates: equal cost, distinct trials) with 1 and then 2 workers; wall time of each and
-    the ratio.
+    the ratio. "workers busy" = sum of training seconds / (workers x wall): the share of the
+    wall time the workers spent training, i.e. the runner's efficiency whatever the machine
+    does. When other processes load the CPUs, two concurrent trainings each slow down (compare
+    the train s/trial of the two lines) and the ratio says more about the machine than about
+    the runner; "of a core" (CPU seconds / wall seconds of each training) shows how much CPU
+    the trials actually got.
 
 All searches share one Ray session whose worker processes are warmed up first (torch imported),
 as in any search longer than a few trials. Each search writes a fresh SQLite study in a temp dir.
@@ -113,9 +118,12 @@ def main(argv: list[str] | None = None) -> int:
                 out, ts = search(tmp, f"batch{workers}", trials=args.batch, workers=workers,
                                  budget=args.budget, width=args.width, equal=True)
                 walls[workers] = out.wall_s
-                mean_train = statistics.mean(t.user_attrs["duration_s"] for t in ts)
+                train = [t.user_attrs["duration_s"] for t in ts]
+                share = sum(t.user_attrs["cpu_s"] for t in ts) / sum(train)
+                busy = sum(train) / (workers * out.wall_s)
                 rows.append((f"(b) {args.batch} equal trials, {workers} worker(s): wall",
-                             f"{out.wall_s:.2f} s (mean train {mean_train:.2f} s/trial)"))
+                             f"{out.wall_s:.2f} s (train {statistics.mean(train):.2f} s/trial "
+                             f"at {share:.0%} of a core; workers busy {busy:.0%})"))
             rows.append(("(b) speed-up 2 workers vs 1", f"{walls[1] / walls[2]:.2f}x"))
     finally:
         ray.shutdown()

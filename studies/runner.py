@@ -5,18 +5,21 @@ records every outcome in the study storage -- the storage has exactly one writer
 fine even for a multi-node Ray cluster (the database stays beside the driver). The Optuna side
 lives in :mod:`studies.trials`, the worker side in :mod:`studies.worker`.
 
-Why plain Ray tasks and not Ray Tune. Tune was measured first (Ray 2.60, 2 CPUs, 8 trials of
-0.5 s, a custom ``Searcher`` doing ask/tell, ``reuse_actors=True``): with 1 worker the search
-took 9.1 s, with 2 workers 14.3 s -- *slower* -- because the 2 Tune trial actors needed ~16 s to
-start (Tune's actor imports), and with ``reuse_actors=False`` every trial paid 5-8 s. The same
-batch as plain Ray tasks took 7.1 s (1 worker) and 5-7 s (2 workers), with ~20 ms between
-trials once the worker processes exist (``benchmarks/bench_search.py`` measures this setup).
-Tune also adds what this search does not want: experiment directories that must sit on shared
-storage for multi-node runs (ray#37177), checkpoints to ship weights, its own SIGINT handling,
-and schedulers that would store partial-fidelity results as COMPLETE (budgets here are fixed).
+Why plain Ray tasks and not Ray Tune. Tune was measured first (Ray 2.60, local Ray with 2 CPUs
+on a shared 2-core machine at load average ~7, 8 trials of 0.5 s, a custom ``Searcher`` doing
+ask/tell, ``reuse_actors=True``): 1 worker took 9.1 s, 2 workers 14.3 s -- *slower* -- because
+two Tune trial actors needed ~16 s to start (their imports); with ``reuse_actors=False`` every
+trial paid 5-8 s. The same batch driven by our own loop over plain Ray workers took 7.1 s with 1
+worker and 7.0-9.0 s with 2, nearly all of it worker start-up (torch), with ~20 ms between
+trials after that. Tune also adds what this search does not want: experiment directories that
+must sit on shared storage for multi-node runs (ray#37177), checkpoints to ship weights, its own
+SIGINT handling, and schedulers that store partial-fidelity results as COMPLETE (budgets here
+are fixed). ``benchmarks/bench_search.py`` measures the loop as built.
+
 So the loop is ours: at most ``workers`` trials in flight, each a Ray task with the space's
 ``resources`` (``num_cpus``/``num_gpus``) and ``max_retries=0`` (retries are decided here and
-recorded on the study).
+recorded on the study). Trials run ``studies.worker.run_trial`` by reference, so every node of
+a cluster needs this package installed (the driver ships no code).
 
 Failure handling (all in the study, nothing is lost that finished):
 - a dead worker (SIGKILL, OOM, node loss): the trial is FAIL ``worker died: ...`` and retried

@@ -151,9 +151,7 @@ def artifact_store(study: optuna.Study) -> FileSystemArtifactStore:
     if not where:
         raise UsageError(f"study {study.study_name!r} records no artifact directory (it was not "
                          "made by mlbtc search)")
-    path = Path(where)
-    path.mkdir(parents=True, exist_ok=True)
-    return FileSystemArtifactStore(str(path))
+    return FileSystemArtifactStore(str(where))
 
 
 def study_names(storage: optuna.storages.BaseStorage) -> list[str]:

@@ -3,8 +3,9 @@
 Only the driver runs this (the storage has one writer). It implements the STORAGE CONTRACT
 (see ``studies/runner.py``) and the failure rules:
 
-- *infeasible* (invalid architecture, or over ``max_flops``/``max_params``): told FAIL with
-  ``status: infeasible`` and the reason as soon as it is sampled; never trained.
+- *infeasible* (invalid architecture, over ``max_flops``/``max_params``, or so costly that the
+  budget buys not one training step): told FAIL with ``status: infeasible`` and the reason as
+  soon as it is sampled; never trained.
 - *duplicate* (the same architecture hash, training settings and seed as a COMPLETE or running
   trial): told FAIL with ``status: duplicate`` and ``duplicate_of``; never trained. The training
   settings are part of the key because a space may search ``train.lr``.
@@ -47,7 +48,7 @@ from .storage import artifact_dir_for, study_info, study_names
 log = logging.getLogger(__name__)
 
 STALE_REASON = "driver died (stale RUNNING trial)"
-MAX_CONSECUTIVE_REJECTS = 100
+MAX_CONSECUTIVE_REJECTS = 50
 HOOK_ENV = "MLBTC_TEST_TRIAL_HOOK"
 # Settings that make results comparable: a study refuses to continue under other values.
 IDENTITY_KEYS = ("space_hash", "task", "budget_flops", "train", "seed", "objectives")
@@ -175,6 +176,7 @@ class Recorder:
         self.points: list[tuple[float, float]] = []  # (loss, flops) of COMPLETE trials
         self.train_seconds = 0.0
         self.hook = _read_hook()
+        self._task: Any = None  # the task, built on first use (cost checks)
         self._trials = study.get_trials(deepcopy=False)
         for t in self._trials:
             self._count(t)
@@ -242,6 +244,12 @@ class Recorder:
                                      "reason": cand.error or cand.reason})
                 self.counts.infeasible += 1
                 continue
+            too_small = self._budget_problem(cand)
+            if too_small:
+                self._reject(trial, {**base, **_costs(cand), "status": "infeasible",
+                                     "reason": too_small})
+                self.counts.infeasible += 1
+                continue
             key = dedup_key(cand.spec.hash(), cand.train, self.space.seed)
             if key in self.known:
                 other = self.known[key]
@@ -254,6 +262,21 @@ class Recorder:
             self.known[key] = trial.number
             return Pending(trial, cand, key, retry_of)
         return None
+
+    def _budget_problem(self, cand: Candidate) -> str | None:
+        """Why the budget cannot buy one training step of ``cand`` (None if it can)."""
+        from trainers.tasks import get_task
+        from trainers.train import StepCosts, TrainConfig
+
+        if self._task is None:
+            self._task = get_task(self.space.task["name"], **self.space.task["options"])
+        assert cand.spec is not None
+        batch = TrainConfig(**cand.train).batch_size
+        first = StepCosts(cand.spec, self._task, batch)(0)
+        if first <= self.space.budget_flops:
+            return None
+        return (f"budget too small for one step: one step costs {first:.4g} FLOPs "
+                f"(batch {batch}), budget is {self.space.budget_flops:.4g}")
 
     def _reject(self, trial: optuna.Trial, attrs: dict[str, Any]) -> None:
         self._set_attrs(trial, attrs)
@@ -300,8 +323,9 @@ class Recorder:
             "duration_s": res["seconds"], "wall_s": wall, "code_version": self.version,
             "train_status": res["status"],
         }
-        if "latency_s" in out:
-            attrs["latency_s"] = out["latency_s"]
+        for key in ("latency_s", "cpu_s"):
+            if key in out:
+                attrs[key] = out[key]
         loss = res.get("val_loss")
         if res["status"] != "ok" or loss is None or not math.isfinite(loss):
             reason = res.get("reason") or f"training ended with status {res['status']}"

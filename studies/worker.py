@@ -6,8 +6,9 @@ storage (the driver is its only writer). Errors inside training come back as
 ``{"error": "..."}``; only a dead worker process makes the Ray call itself fail.
 
 Returned dict: ``result`` (``TrainResult.to_json()``), ``weights`` (safetensors bytes of the
-state dict, for status ``ok``), ``latency_s`` (when the objectives ask for it), and where it ran:
-``node`` (Ray node id), ``host``, ``pid``.
+state dict, for status ``ok``), ``cpu_s`` (process CPU seconds of the training: compared with its
+wall time it shows how much of a core the trial got), ``latency_s`` (when the objectives ask for
+it), and where it ran: ``node`` (Ray node id), ``host``, ``pid``.
 
 Test hook: a payload ``hook`` ``{"sleep_s": S, "pid_dir": D}`` (set by the driver from the
 ``MLBTC_TEST_TRIAL_HOOK`` environment variable for one trial number) writes ``D/trial-N.pid`` and
@@ -85,9 +86,11 @@ def run_trial(payload: dict[str, Any]) -> dict[str, Any]:
         task = get_task(payload["task"]["name"], **payload["task"].get("options", {}))
         spec = ModelSpec.from_dict(payload["spec"])
         config = TrainConfig(**payload.get("train", {}))
+        cpu = time.process_time()
         result = train(spec, task, float(payload["budget_flops"]), seed=int(payload["seed"]),
                        config=config)
-        out: dict[str, Any] = {**where, "result": result.to_json()}
+        out: dict[str, Any] = {**where, "result": result.to_json(),
+                               "cpu_s": time.process_time() - cpu}
         if result.status == "ok":
             out["weights"] = safetensors.torch.save(result.state_dict())
             if "latency" in payload.get("objectives", ()):

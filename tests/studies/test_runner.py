@@ -125,6 +125,27 @@ def test_resume_under_a_different_space_is_refused(ray_local, tmp_path, artifact
         run_search(load_space(changed, {"storage": url}))
 
 
+def test_candidates_the_budget_cannot_train_are_infeasible(tmp_path):
+    """Checked in the driver before any training (no Ray needed)."""
+    from optuna.artifacts import FileSystemArtifactStore
+
+    from studies.trials import Recorder, open_study
+
+    url = f"sqlite:///{tmp_path}/s.db"
+    space = load_space(write_space(tmp_path / "s.yaml", constraints={},
+                                   baselines=[{"width": 48, "attention.kind": "standard",
+                                               "attention.heads": 2}]), {"storage": url})
+    study, artifacts = open_study(open_storage(url), space, url, "test")
+    recorder = Recorder(study, space, FileSystemArtifactStore(str(artifacts)), "test")
+    recorder.enqueue_baselines()
+    pending = recorder.ask()
+    assert pending is not None and pending.candidate.spec.width == 16
+    t0 = study.get_trials(deepcopy=False)[0]
+    assert t0.state == TrialState.FAIL and t0.user_attrs["status"] == "infeasible"
+    assert t0.user_attrs["reason"].startswith("budget too small for one step")
+    assert recorder.counts.infeasible >= 1
+
+
 # ---- a real two-node Ray cluster -------------------------------------------------------------
 def _ray_start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     """``ray start ... --block`` in a session of its own: killing that process group stops
