@@ -72,3 +72,28 @@ def test_missing_database_is_an_error_not_a_new_file(tmp_path, capsys):
     assert "no study database at" in capsys.readouterr().err
     assert main(["pareto", "x", "--storage", url]) == 2
     assert not (tmp_path / "missing.db").exists()
+
+
+def test_progress_lines_on_change_and_summary():
+    import io
+
+    from studies.progress import Progress, Snapshot, format_line, format_summary
+
+    snap = Snapshot(target=4, done=1, ok=1, running=2, failed=0, infeasible=3, duplicate=1,
+                    front_size=1, hypervolume=0.25, elapsed_s=75.0, eta_s=150.0)
+    line = format_line(snap)
+    for part in ("trials 1/4 done", "running 2", "failed 0", "infeasible 3", "front 1",
+                 "hypervolume 0.25", "elapsed 1m15s", "ETA 2m30s"):
+        assert part in line, part
+    stream = io.StringIO()  # not a terminal: a line per change, not per call
+    progress = Progress(stream)
+    progress.update(snap)
+    progress.update(snap)
+    progress.update(Snapshot(**{**snap.__dict__, "done": 2, "ok": 2}))
+    assert stream.getvalue().count("\n") == 2
+    summary = format_summary(study_name="s", storage_url="sqlite:///x.db", artifact_dir="/a",
+                             snapshot=snap, front=[{"trial": 0, "family": "mlr", "loss": 1.0,
+                                                    "flops": 4160.0, "hash": "ab"}],
+                             interrupted=True)
+    assert "mlbtc dashboard --storage sqlite:///x.db" in summary and "resume:" in summary
+    assert "4,160" in summary

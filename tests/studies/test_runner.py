@@ -103,6 +103,7 @@ def test_search_records_the_storage_contract(ray_local, storage_url, tmp_path, a
         assert "duration_s" not in t.user_attrs and "weights_artifact_id" not in t.user_attrs
     # Duplicates point to a trial with the same architecture and are not trained.
     duplicates = [t for t in ts if t.user_attrs.get("status") == "duplicate"]
+    assert duplicates, "the seeded random sampler re-proposes an architecture in this space"
     by_number = {t.number: t for t in ts}
     for t in duplicates:
         other = by_number[t.user_attrs["duplicate_of"]]
