@@ -107,10 +107,10 @@ def test_shipped_space_loads_and_samples(path: Path):
 
 def test_quickstart_is_small():
     space = load_space(ROOT / "search_spaces" / "quickstart.yaml")
-    assert space.task["name"] == "icl_regression" and space.trials <= 12 and space.workers == 2
+    assert space.task["name"] == "text" and space.trials <= 12 and space.workers == 2
     families = {space.sample(optuna.trial.FixedTrial(space.fixed_params(b))).spec.family
                 for b in space.baselines}
-    assert families == {"standard", "bilinear_btt"}
+    assert families == {"standard", "mlr"}
 
 
 # ---- sampling ---------------------------------------------------------------------------------
