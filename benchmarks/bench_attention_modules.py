@@ -1,0 +1,92 @@
+"""Speed of whole attention layers (projections + kernel), forward+backward, against plain SDPA.
+
+The baseline is a hand-written standard attention layer (four dense projections and one fused
+causal ``F.scaled_dot_product_attention``). Against it, in the same run: our standard attention
+(causal attention runs as regions, see ``attention_kernels.kernel_levels``), MLR attention with
+8 levels (block sizes T / 2^l), bilinear BTT, and sliding-window attention, all at equal width
+and heads. Prints milliseconds (median of repeats after warmup) and the ratio to the baseline.
+
+    python benchmarks/bench_attention_modules.py [--T 1024 --width 512 --heads 8 --batch 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mlbtc_search.attention import Attention
+from mlbtc_search.attention_spec import AttentionSpec
+from mlbtc_search.flopcount import count_flops
+
+
+class PlainSDPA(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width, bias=False)
+        self.out = nn.Linear(width, width, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, hd)
+        return self.out(y.transpose(1, 2).reshape(B, T, D))
+
+
+def timed(module: nn.Module, x: torch.Tensor, repeats: int) -> float:
+    def once() -> None:
+        module.zero_grad(set_to_none=True)
+        module(x).square().mean().backward()
+
+    for _ in range(2):
+        once()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        once()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--T", type=int, default=1024)
+    ap.add_argument("--width", type=int, default=512)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    T, D, H = args.T, args.width, args.heads
+    levels = 8
+    ranks = [D // H // 2] + [max(1, D // H // 2 // (levels - 1))] * (levels - 1)
+    specs = {
+        "standard (ours, regions)": {"kind": "standard", "heads": H},
+        f"mlr {levels} levels {ranks}": {"kind": "mlr", "heads": H, "ranks": ranks},
+        "bilinear_btt rank 1": {"kind": "bilinear_btt", "heads": H},
+        "sliding_window 128": {"kind": "sliding_window", "heads": H, "window": 128},
+    }
+    x = torch.randn(args.batch, T, D, device=args.device)
+    base = PlainSDPA(D, H).to(args.device)
+    rows = [("plain SDPA (baseline)", timed(base, x, args.repeats),
+             count_flops(lambda: base(x)) / (args.batch * T))]
+    for name, d in specs.items():
+        m = Attention(AttentionSpec.from_dict(d, D, T)).to(args.device)
+        rows.append((name, timed(m, x, args.repeats), m.flops_per_token(T)))
+    print(f"attention layers, T={T}, width {D}, {H} heads, batch {args.batch}, fp32, "
+          f"forward+backward, {torch.get_num_threads()} threads, device {args.device}")
+    print(f"{'layer':<34}{'ms':>10}{'x baseline':>12}{'fwd FLOPs/token':>18}")
+    for name, ms, fl in rows:
+        print(f"{name:<34}{ms:>10.1f}{ms / rows[0][1]:>12.2f}{fl:>18,.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
