@@ -1,13 +1,15 @@
 """End to end in headless Chromium: a real SQLite study with tiny trained models, the real
 server on a free port, the browser clicking through studies -> front -> trial -> export.
 
-Also writes the screenshots the README shows (docs/img/dashboard-*.png).
+Also takes screenshots (set MLBTC_UPDATE_SCREENSHOTS=1 to refresh docs/img/dashboard-*.png).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
+import tempfile
 import threading
 import time
 import urllib.request
@@ -33,7 +35,11 @@ from mlbtc_search.model import model_flops
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300), pytest.mark.filterwarnings(
     r"ignore:\s*The dash_table.DataTable will be removed:DeprecationWarning")]
 
-IMG = Path(__file__).resolve().parents[2] / "docs" / "img"
+# Screenshots go to a temporary folder; MLBTC_UPDATE_SCREENSHOTS=1 refreshes the ones the README
+# shows (docs/img), so a test run leaves the checkout clean.
+IMG = (Path(__file__).resolve().parents[2] / "docs" / "img"
+       if os.environ.get("MLBTC_UPDATE_SCREENSHOTS") else
+       Path(tempfile.mkdtemp(prefix="mlbtc-screens-")))
 SCRIPT = "<script>alert(1)</script>"
 XSS_REASON = ('<b>boom</b><img src=x onerror="window.__xss=1;alert(2)"> loss became NaN '
               "at step 3")
