@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from .matrix import MatrixSpec
 from .plan import LevelPlan, plan
@@ -120,15 +121,9 @@ class StructuredLinear(nn.Module):
     @staticmethod
     def _btt(x: Tensor, ws: list[Tensor], sizes: dict[str, int], k: int) -> Tensor:
         c, d, a, b, s = (sizes[n] for n in "ijabs")
-        N = x.shape[0]
         R = ws[0].reshape(k * c, d, b * s)  # R[k, i, j, b, s] -> (k*c, d, b*s)
         L = ws[1].reshape(k * b, c * s, a)  # L[k, b, i, s, a] -> (k*b, c*s, a)
-        xt = x.view(N, k * c, d).transpose(0, 1)  # (k*c, N, d), a strided view
-        z = torch.bmm(xt, R)  # (k*c, N, b*s)
-        z = z.view(k, c, N, b, s).permute(0, 3, 2, 1, 4).reshape(k * b, N, c * s)
-        y = torch.bmm(z, L)  # (k*b, N, a)
-        return y.view(k, b, N, a).permute(2, 0, 3, 1).reshape(N, k * a * b)
-
+        return _BTT.apply(x, R, L, (k, c, d, a, b, s))
     @torch.no_grad()
     def materialize(self) -> Tensor:
         """The dense m x n matrix (for tests and the dashboard)."""
@@ -138,6 +133,59 @@ class StructuredLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"spec={self.spec.to_dict()}"
+
+
+class _BTT(torch.autograd.Function):
+    """Two-core BTT with layouts chosen so that every bmm reads its operands in place.
+
+    CPU bmm runs as one batched GEMM only when each batch item is row- or column-major (one unit
+    stride) and the result is contiguous; otherwise it loops over the batch and copies every
+    item (what the earlier ``reshape`` views and autograd's backward through them hit: 10x
+    slower). So the intermediate keeps the rows N as its unit-stride axis: (k*c, b*s, N) after
+    R, (k*b, c*s, N) before L (a view when s = 1 and k = 1, else one copy). The copies left are
+    inherent to the output order (a, b) with b the block index of L: the output from
+    (k*b, N, a), its gradient back (as a transpose within each row), and the input gradient
+    (runs of d contiguous values). FLOPs: the same six bmm as autograd (two forward, four
+    backward), and none for a gradient nobody needs.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, R: Tensor, L: Tensor, dims: tuple[int, ...]) -> Tensor:
+        k, c, d, a, b, s = dims
+        N = x.shape[0]
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        xT = x.reshape(N, k * c, d).permute(1, 2, 0)  # (k*c, d, N), column-major items
+        zT = torch.bmm(R.transpose(1, 2), xT)  # (k*c, b*s, N)
+        zz = zT.view(k, c, b, s, N).transpose(1, 2).reshape(k * b, c * s, N)  # (k*b, c*s, N)
+        y = torch.bmm(zz.transpose(1, 2), L)  # (k*b, N, a)
+        ctx.save_for_backward(xT, R, L, zz)
+        ctx.dims = dims
+        return y.view(k, b, N, a).permute(2, 0, 3, 1).contiguous().view(N, k * a * b)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gout: Tensor) -> tuple[Tensor | None, ...]:
+        xT, R, L, zz = ctx.saved_tensors
+        k, c, d, a, b, s = ctx.dims
+        N = gout.shape[0]
+        # (N, k, a, b) -> (N, k, b, a): a transpose within each row, cheaper than a global one;
+        # then a view (k*b, N, a) whose items are row-major with row stride k*b*a
+        gy = gout.reshape(N, k, a, b).transpose(2, 3).contiguous().view(N, k * b, a)
+        gy = gy.transpose(0, 1)
+        gx = gR = gL = None
+        if ctx.needs_input_grad[2]:
+            gL = torch.bmm(zz, gy)  # (k*b, c*s, a)
+        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            return gx, gR, gL, None
+        gzz = torch.bmm(L, gy.transpose(1, 2))  # (k*b, c*s, N)
+        gzT = gzz.view(k, b, c, s, N).transpose(1, 2).reshape(k * c, b * s, N)  # (k*c, b*s, N)
+        if ctx.needs_input_grad[1]:
+            gR = torch.bmm(xT, gzT.transpose(1, 2))  # (k*c, d, b*s)
+        if ctx.needs_input_grad[0]:
+            gx = torch.bmm(gzT.transpose(1, 2), R.transpose(1, 2))  # (k*c, N, d)
+            gx = gx.transpose(0, 1).contiguous().view(N, k * c * d)
+        return gx, gR, gL, None
 
 
 def contract(t: Tensor, t_axes: list[str], w: Tensor, w_axes: list[str], keep: list[str],
