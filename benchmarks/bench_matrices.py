@@ -1,0 +1,173 @@
+"""Forward+backward speed of structured matrices against dense ``nn.Linear``, measured in one run.
+
+For each width D: BTT (rank 1 and 4), Monarch (the same spec as BTT rank 1: a repeat), low rank
+(D/16), Kronecker and a 3-core tensor train (ranks 4), compiled by ``compile_matrix``, plus a
+deliberately naive BTT (two bmm with an explicit contiguous permute copy around each, forward and
+backward, as einsum-search does) as a reference row. Achieved GFLOP/s =
+``flops(spec) * rows * 3`` (forward + backward, checked once against FlopCounterMode) / median
+time; the ratio is to dense ``nn.Linear``'s GFLOP/s in the same run. Rows of one width are timed
+round-robin, so load that drifts during the run hits every row alike.
+
+    python benchmarks/bench_matrices.py                 # D in {1024, 4096}, 4096 rows, fp32, CPU
+    python benchmarks/bench_matrices.py --sizes 1024 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
+
+from mlbtc_search import MatrixSpec, compile_matrix, flops
+
+
+class _NaiveBTTFunction(torch.autograd.Function):
+    """Rank-1 BTT the einsum-search way: a contiguous permute copy around every bmm, forward and
+    (hand-written, from transposed bmms) backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, R: Tensor, L: Tensor) -> Tensor:
+        c, d, b = R.shape
+        a = L.shape[2]
+        N = x.shape[0]
+        xt = x.view(N, c, d).transpose(0, 1).contiguous()  # (c, N, d) copy
+        z = torch.bmm(xt, R).permute(2, 1, 0).contiguous()  # (c, N, b) -> (b, N, c) copy
+        y = torch.bmm(z, L)  # (b, N, a)
+        ctx.save_for_backward(xt, z, R, L)
+        return y.permute(1, 2, 0).contiguous().view(N, a * b)  # (N, a, b) copy
+
+    @staticmethod
+    def backward(ctx, gout: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        xt, z, R, L = ctx.saved_tensors
+        c, d, b = R.shape
+        a = L.shape[2]
+        N = gout.shape[0]
+        gy = gout.view(N, a, b).permute(2, 0, 1).contiguous()  # (b, N, a) copy
+        gL = torch.bmm(z.transpose(1, 2), gy)  # (b, c, a)
+        gz = torch.bmm(gy, L.transpose(1, 2)).permute(2, 1, 0).contiguous()  # (c, N, b) copy
+        gR = torch.bmm(xt.transpose(1, 2), gz)  # (c, d, b)
+        gx = torch.bmm(gz, R.transpose(1, 2)).transpose(0, 1).contiguous()  # (N, c, d) copy
+        return gx.view(N, c * d), gR, gL
+
+
+class NaiveBTT(nn.Module):
+    def __init__(self, c: int, d: int, a: int, b: int):
+        super().__init__()
+        self.R = nn.Parameter(torch.randn(c, d, b) * d**-0.5)  # R[i, j, b]
+        self.L = nn.Parameter(torch.randn(b, c, a) * c**-0.5)  # L[b, i, a]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _NaiveBTTFunction.apply(x, self.R, self.L)
+
+
+def structures(D: int) -> list[tuple[str, dict]]:
+    rank = D // 16
+    return [
+        ("btt r=1", {"btt": {"rank": 1}}),
+        ("monarch (= btt r=1)", {"monarch": {}}),
+        ("btt r=4", {"btt": {"rank": 4}}),
+        (f"low_rank r={rank}", {"low_rank": {"rank": rank}}),
+        ("kronecker", {"kronecker": {}}),
+        ("tensor_train 3 cores r=4", {"tensor_train": {"cores": 3, "ranks": 4}}),
+    ]
+
+
+def step(module: nn.Module, x: Tensor, grad: Tensor) -> Callable[[], None]:
+    def run() -> None:
+        x.grad = None
+        for p in module.parameters():
+            p.grad = None
+        module(x).backward(grad)
+
+    return run
+
+
+def counted_flops(run: Callable[[], None]) -> int:
+    with FlopCounterMode(display=False) as counter:
+        run()
+    return int(counter.get_total_flops())
+
+
+def time_split(run: Callable[[], None]) -> tuple[float, float, float]:
+    """Seconds of (matmul, copy, other) self CPU time in one forward+backward."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    matmul = copy = other = 0.0
+    for e in prof.key_averages():
+        t = e.self_cpu_time_total / 1e6
+        if e.key in ("aten::bmm", "aten::mm", "aten::addmm", "aten::matmul"):
+            matmul += t
+        elif e.key in ("aten::copy_", "aten::clone", "aten::contiguous"):
+            copy += t
+        else:
+            other += t
+    return matmul, copy, other
+
+
+def bench(D: int, rows: int, repeats: int, warmup: int) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(rows, D, requires_grad=True)
+    grad = torch.randn(rows, D)
+    dense = nn.Linear(D, D, bias=False)
+    entries: list[tuple[str, nn.Module, int]] = [("dense nn.Linear", dense, 2 * D * D)]
+    for name, body in structures(D):
+        spec = MatrixSpec.from_dict({"in": D, "out": D, **body})
+        entries.append((name, compile_matrix(spec), flops(spec)))
+    btt = MatrixSpec.from_dict({"in": D, "out": D, "btt": {"rank": 1}}).levels[0].btc.sizes
+    naive = NaiveBTT(btt["i"], btt["j"], btt["a"], btt["b"])
+    entries.append(("naive btt r=1 (reference)", naive, flops(
+        MatrixSpec.from_dict({"in": D, "out": D, "btt": {"rank": 1}}))))
+
+    runs = [step(m, x, grad) for _, m, _ in entries]
+    for (name, _, f), run in zip(entries, runs, strict=True):
+        got = counted_flops(run)  # also the first warmup
+        if got != 3 * f * rows:
+            raise SystemExit(f"{name}: FlopCounterMode counted {got}, expected {3 * f * rows}")
+    for _ in range(warmup - 1):
+        for run in runs:
+            run()
+    times: list[list[float]] = [[] for _ in entries]
+    for _ in range(repeats):
+        for i, run in enumerate(runs):
+            t0 = time.perf_counter()
+            run()
+            times[i].append(time.perf_counter() - t0)
+    medians = [statistics.median(t) for t in times]
+    dense_rate = 3 * entries[0][2] * rows / medians[0] / 1e9
+
+    print(f"\nD = {D}, {rows} rows, fp32, forward+backward, {torch.get_num_threads()} threads, "
+          f"median of {repeats}")
+    print(f"{'structure':28s} {'MFLOP/row':>10s} {'ms':>9s} {'GFLOP/s':>8s} {'x dense':>8s}")
+    for (name, _, f), t in zip(entries, medians, strict=True):
+        rate = 3 * f * rows / t / 1e9
+        print(f"{name:28s} {3 * f / 1e6:10.3f} {t * 1e3:9.1f} {rate:8.1f} "
+              f"{rate / dense_rate:8.3f}")
+    for name, run in (("btt r=1", runs[1]), ("naive btt r=1", runs[-1])):
+        matmul, copy, other = time_split(run)
+        total = matmul + copy + other
+        print(f"time split of {name}: matmul {matmul / total:.0%}, copies {copy / total:.0%}, "
+              f"other {other / total:.0%} (profiled, self CPU time)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--rows", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for D in args.sizes:
+        bench(D, args.rows, args.repeats, max(1, args.warmup))
+
+
+if __name__ == "__main__":
+    main()
