@@ -124,6 +124,7 @@ class StructuredLinear(nn.Module):
         R = ws[0].reshape(k * c, d, b * s)  # R[k, i, j, b, s] -> (k*c, d, b*s)
         L = ws[1].reshape(k * b, c * s, a)  # L[k, b, i, s, a] -> (k*b, c*s, a)
         return _BTT.apply(x, R, L, (k, c, d, a, b, s))
+
     @torch.no_grad()
     def materialize(self) -> Tensor:
         """The dense m x n matrix (for tests and the dashboard)."""
