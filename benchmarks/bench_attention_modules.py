@@ -44,12 +44,18 @@ def timed(module: nn.Module, x: torch.Tensor, repeats: int) -> float:
         module.zero_grad(set_to_none=True)
         module(x).square().mean().backward()
 
+    def sync() -> None:
+        if x.is_cuda:
+            torch.cuda.synchronize()
+
     for _ in range(2):
         once()
     times = []
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         once()
+        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e3
 
@@ -62,7 +68,10 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     T, D, H = args.T, args.width, args.heads
     levels = 8

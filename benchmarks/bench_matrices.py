@@ -110,10 +110,15 @@ def time_split(run: Callable[[], None]) -> tuple[float, float, float]:
     return matmul, copy, other
 
 
-def bench(D: int, rows: int, repeats: int, warmup: int) -> None:
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def bench(D: int, rows: int, repeats: int, warmup: int, device: str = "cpu") -> None:
     torch.manual_seed(0)
-    x = torch.randn(rows, D, requires_grad=True)
-    grad = torch.randn(rows, D)
+    x = torch.randn(rows, D, device=device, requires_grad=True)
+    grad = torch.randn(rows, D, device=device)
     dense = nn.Linear(D, D, bias=False)
     entries: list[tuple[str, nn.Module, int]] = [("dense nn.Linear", dense, 2 * D * D)]
     for name, body in structures(D):
@@ -124,6 +129,8 @@ def bench(D: int, rows: int, repeats: int, warmup: int) -> None:
     entries.append(("naive btt r=1 (reference)", naive, flops(
         MatrixSpec.from_dict({"in": D, "out": D, "btt": {"rank": 1}}))))
 
+    for _, m, _ in entries:
+        m.to(device)
     runs = [step(m, x, grad) for _, m, _ in entries]
     for (name, _, f), run in zip(entries, runs, strict=True):
         got = counted_flops(run)  # also the first warmup
@@ -135,20 +142,22 @@ def bench(D: int, rows: int, repeats: int, warmup: int) -> None:
     times: list[list[float]] = [[] for _ in entries]
     for _ in range(repeats):
         for i, run in enumerate(runs):
+            _sync(device)
             t0 = time.perf_counter()
             run()
+            _sync(device)
             times[i].append(time.perf_counter() - t0)
     medians = [statistics.median(t) for t in times]
     dense_rate = 3 * entries[0][2] * rows / medians[0] / 1e9
 
-    print(f"\nD = {D}, {rows} rows, fp32, forward+backward, {torch.get_num_threads()} threads, "
-          f"median of {repeats}")
+    where = device if device != "cpu" else f"cpu, {torch.get_num_threads()} threads"
+    print(f"\nD = {D}, {rows} rows, fp32, forward+backward, {where}, median of {repeats}")
     print(f"{'structure':28s} {'MFLOP/row':>10s} {'ms':>9s} {'GFLOP/s':>8s} {'x dense':>8s}")
     for (name, _, f), t in zip(entries, medians, strict=True):
         rate = 3 * f * rows / t / 1e9
         print(f"{name:28s} {3 * f / 1e6:10.3f} {t * 1e3:9.1f} {rate:8.1f} "
               f"{rate / dense_rate:8.3f}")
-    for name, run in (("btt r=1", runs[1]), ("naive btt r=1", runs[-1])):
+    for name, run in (("btt r=1", runs[1]), ("naive btt r=1", runs[-1])) * (device == "cpu"):
         matmul, copy, other = time_split(run)
         total = matmul + copy + other
         print(f"time split of {name}: matmul {matmul / total:.0%}, copies {copy / total:.0%}, "
@@ -162,11 +171,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     for D in args.sizes:
-        bench(D, args.rows, args.repeats, max(1, args.warmup))
+        bench(D, args.rows, args.repeats, max(1, args.warmup), args.device)
 
 
 if __name__ == "__main__":
