@@ -167,9 +167,12 @@ def theta(n: int, m: int, exponents: Sequence[float] | str, path: tuple = ()) ->
     out_axes = tuple((x, sizes[x]) for x in "fed" if sizes[x] > 1) or (("d", nd),)
     core_a, core_b = keep("fdrga"), keep("ferg" + "b")
     bonds = (("r", nr),) if nr > 1 else ()
-    if not core_a or not core_b or not (set(core_a) & (set(core_b) | {x for x, _ in out_axes})):
-        # degenerate corner of the space: fall back to one dense core
-        return dense(n, m)
+    if not set(core_a) & set(core_b):
+        # the cores share no axis (e.g. a rank-1 outer product): join them by the rank axis,
+        # kept even at size 1 so that the contraction graph stays connected
+        core_a = core_a if "r" in core_a else core_a + ("r",)
+        core_b = core_b if "r" in core_b else core_b + ("r",)
+        bonds = (("r", nr),)
     return BTC(in_axes, out_axes, bonds, (core_a, core_b))
 
 

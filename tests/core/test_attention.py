@@ -64,15 +64,6 @@ VARIANTS: dict[str, dict] = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin contention on a busy 2-core CI."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def spec_of(doc: dict | str, width: int = D, seq_len: int | None = T) -> AttentionSpec:
     return AttentionSpec.from_dict(doc, width=width, seq_len=seq_len)
 

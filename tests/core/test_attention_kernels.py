@@ -21,16 +21,6 @@ from mlbtc_search.attention_kernels import (
 from mlbtc_search.errors import SpecError
 from mlbtc_search.flopcount import count_flops
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster and immune to other processes' load."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # (widths, block_sizes, T, dv): global + nested levels, width 0, partial final blocks, an implicit
 # global root (coarsest level blocked), ratios 2 to 12, block sizes above T, W < dv and W > dv.
 CONFIGS = [

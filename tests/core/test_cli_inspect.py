@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from mlbtc_search import MatrixSpec, flops, params
@@ -24,15 +23,6 @@ EXAMPLES = sorted((REPO / "examples" / "matrices").glob("*.yaml"))
 
 # rank of each example for random cores: full unless the structure bounds it
 EXPECTED_RANK = {"low_rank": 16, "mlr": 16 + 2 * 8 + 4 * 4 + 8 * 2, "tensor_train": 512}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """``inspect`` materializes and ranks each matrix: one thread is far faster on a busy box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def inspect_json(path: Path, capsys) -> dict:

@@ -9,16 +9,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mlbtc_search.flopcount import count_flops, flop_counter, sdpa_forward_flops
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster and immune to other processes' load."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 B, H, T = 2, 3, 16
 
 

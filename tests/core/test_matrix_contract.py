@@ -82,15 +82,6 @@ def build(doc: dict, seed: int = 0, **kwargs) -> tuple[MatrixSpec, StructuredLin
     return spec, compile_matrix(spec, **kwargs).double()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: one intra-op thread is ~100x faster than two on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def rms(t: Tensor) -> Tensor:
     return t.pow(2).mean().sqrt()
 

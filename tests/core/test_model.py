@@ -85,15 +85,6 @@ def variant_doc(name: str, adapter: dict | None = None) -> dict:
 VARIANTS = sorted(ATTENTION) + ["layers"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin contention on a busy 2-core CI."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def inputs(spec: ModelSpec, B: int, T: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     a = spec.adapter

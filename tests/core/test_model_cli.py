@@ -9,7 +9,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from mlbtc_search.cli import main
@@ -36,15 +35,6 @@ mlp_ratio: 2
 max_seq_len: 32
 adapter: {input_kind: tokens, input_dim: 256, output_dim: 256}
 """
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin contention on a busy 2-core CI."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -17,14 +17,6 @@ from mlbtc_search import MatrixSpec, StructuredLinear, compile_matrix, make_adam
 from mlbtc_search.mup import DEFAULT_BASE_WIDTH
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def layer(doc: dict, seed: int = 0, **kwargs) -> StructuredLinear:
     torch.manual_seed(seed)
     return compile_matrix(MatrixSpec.from_dict(doc), **kwargs)
