@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from . import attention_kernels as K
+from . import kv_cache
 from .attention_spec import AttentionSpec, HeadGroup
 from .linear import StructuredLinear, contract
 from .matrix import MatrixSpec
@@ -215,7 +216,7 @@ class Attention(nn.Module):
                 total += f.heads * per_head * dtype_bytes
             else:
                 sizes = [lv.block_size for lv in group.levels]
-                total += f.heads * K.kv_cache_bytes_per_token(f.level_widths, sizes,
+                total += f.heads * kv_cache.kv_cache_bytes_per_token(f.level_widths, sizes,
                                                               self.head_dim, T, dtype_bytes)
         return total
 

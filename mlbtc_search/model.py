@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import attention_kernels as K
+from . import kv_cache
 from .attention import Attention
 from .attention_spec import AttentionSpec
 from .errors import SpecError
@@ -323,10 +323,11 @@ class Transformer(nn.Module):
             layer = []
             for g, f in zip(attn.spec.groups, attn.features, strict=True):
                 if g.window is not None:
-                    layer.append(K.WindowKVCache(batch, f.heads, f.total_width, attn.head_dim,
-                                                 g.window, p.dtype, p.device))
+                    layer.append(kv_cache.WindowKVCache(
+                        batch, f.heads, f.total_width, attn.head_dim, g.window, p.dtype,
+                        p.device))
                 else:
-                    layer.append(K.MultilevelKVCache(
+                    layer.append(kv_cache.MultilevelKVCache(
                         f.level_widths, [lv.block_size for lv in g.levels], batch, f.heads,
                         attn.head_dim, p.dtype, p.device, max_len))
             caches.append(layer)

@@ -8,9 +8,6 @@ import torch
 import torch.nn.functional as F
 
 from mlbtc_search.attention_kernels import (
-    MultilevelKVCache,
-    WindowKVCache,
-    kv_cache_bytes_per_token,
     multilevel_attention,
     multilevel_attention_flops,
     multilevel_attention_reference,
@@ -20,6 +17,7 @@ from mlbtc_search.attention_kernels import (
 )
 from mlbtc_search.errors import SpecError
 from mlbtc_search.flopcount import count_flops
+from mlbtc_search.kv_cache import MultilevelKVCache, WindowKVCache, kv_cache_bytes_per_token
 
 # (widths, block_sizes, T, dv): global + nested levels, width 0, partial final blocks, an implicit
 # global root (coarsest level blocked), ratios 2 to 12, block sizes above T, W < dv and W > dv.
