@@ -11,6 +11,7 @@ from .errors import MlbtcError, SpecError, TrainingError, UsageError
 from .linear import StructuredLinear, compile_matrix
 from .load import load
 from .matrix import Level, MatrixSpec
+from .model import ModelSpec, build_model
 from .mup import make_adamw, param_groups
 from .plan import bilinear_cut, flops, graph, params, plan
 
@@ -19,11 +20,13 @@ __all__ = [
     "Level",
     "MatrixSpec",
     "MlbtcError",
+    "ModelSpec",
     "SpecError",
     "StructuredLinear",
     "TrainingError",
     "UsageError",
     "bilinear_cut",
+    "build_model",
     "compile_matrix",
     "flops",
     "graph",
