@@ -31,16 +31,22 @@ class Located:
         return SpecError(err.message, err.path, self.source(err.path))
 
 
-def _walk(node: yaml.Node, path: tuple[PathPart, ...], lines: dict) -> None:
+def _walk(node: yaml.Node, path: tuple[PathPart, ...], lines: dict, filename: str) -> None:
     lines[path] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
         for key_node, value_node in node.value:
             key = key_node.value
-            lines[path + (key,)] = key_node.start_mark.line + 1
-            _walk(value_node, path + (key,), lines)
+            line = key_node.start_mark.line + 1
+            if key in seen:  # safe_load would silently keep the last one
+                raise SpecError(f"duplicate key {key!r} (first given on line {seen[key]}); "
+                                "give each key once", path + (key,), f"{filename}:{line}")
+            seen[key] = line
+            lines[path + (key,)] = line
+            _walk(value_node, path + (key,), lines, filename)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _walk(item, path + (i,), lines)
+            _walk(item, path + (i,), lines, filename)
 
 
 def parse_yaml(text: str, filename: str = "<string>") -> Located:
@@ -55,7 +61,7 @@ def parse_yaml(text: str, filename: str = "<string>") -> Located:
         raise SpecError(f"invalid YAML: {problem}", source=f"{filename}{line}") from None
     lines: dict[tuple[PathPart, ...], int] = {}
     if node is not None:
-        _walk(node, (), lines)
+        _walk(node, (), lines, filename)
     return Located(data, lines, filename)
 
 

@@ -309,3 +309,13 @@ def test_yaml_rejects_code_tags():
 def test_missing_file_is_a_usage_error(tmp_path: Path):
     with pytest.raises(UsageError, match=r"file not found: .*nope\.yaml"):
         load_yaml(tmp_path / "nope.yaml")
+
+
+def test_duplicate_yaml_keys_are_errors_with_both_lines(tmp_path):
+    from mlbtc_search.yamlio import load_yaml
+
+    path = tmp_path / "dup.yaml"
+    path.write_text("in: 64\nout: 64\ndense: {}\nout: 32\n")
+    with pytest.raises(SpecError, match=r"dup\.yaml:4 out: duplicate key 'out' \(first given on "
+                                         r"line 2\)"):
+        load_yaml(path)
