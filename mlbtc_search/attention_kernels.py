@@ -360,10 +360,9 @@ def multilevel_attention(
     T need not be a multiple of the block sizes (the last block is partial); a width may be 0.
 
     Plain non-causal attention (all levels global, W == Dv) is one fused
-    ``F.scaled_dot_product_attention`` call; causal attention always runs regions (see
-    ``kernel_levels``);
-    anything else runs the region kernel on CPU and the one-buffer reference on other devices
-    (``multilevel_attention_flops`` describes the CPU kernels).
+    ``F.scaled_dot_product_attention`` call. Everything else, causal attention included (see
+    ``kernel_levels``), runs the region kernel on CPU and the one-buffer reference on other
+    devices (``multilevel_attention_flops`` describes the CPU kernels).
     """
     check_levels(widths, block_sizes)
     _check_qkv(q, k, v, sum(widths))
