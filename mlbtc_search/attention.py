@@ -66,8 +66,10 @@ def _sides(score: MatrixSpec) -> list[tuple[_Side, _Side, int]]:
 class BilinearFeatures(nn.Module):
     """q and k features of one head group: (B, T, D) -> two (B, h, T, W) tensors."""
 
-    def __init__(self, group: HeadGroup, width: int):
+    def __init__(self, group: HeadGroup, width: int, rms_cap: bool = False):
         super().__init__()
+        self.rms_cap = rms_cap
+        self._init_std: list[float] = []
         self.heads = group.heads
         self.width = width
         self.sides: list[tuple[_Side, _Side, int]] = []
@@ -85,8 +87,10 @@ class BilinearFeatures(nn.Module):
                 for step, (fi, fo) in zip(side.steps, side.fans(), strict=True):
                     shape = (self.heads, side.blocks) + side.btc.core_shape(step.core)
                     p = nn.Parameter(torch.empty(shape))
+                    std = math.sqrt(min(fi, fo)) / fi
                     with torch.no_grad():
-                        p.normal_(0.0, math.sqrt(min(fi, fo)) / fi)
+                        p.normal_(0.0, std)
+                    self._init_std.append(std)
                     self._mup.append((f"cores.{len(self.cores)}", fi, len(side.steps)))
                     ids[which].append(len(self.cores))
                     self.cores.append(p)
@@ -104,6 +108,13 @@ class BilinearFeatures(nn.Module):
         """Per token, all heads of the group, both sides."""
         return self.heads * sum(q.macs + k.macs for q, k, _ in self.sides)
 
+    def _weight(self, i: int) -> Tensor:
+        """Core i, RMS-capped at its init std when ``rms_cap`` (as StructuredLinear does)."""
+        w = self.cores[i]
+        if not self.rms_cap:
+            return w
+        return w / torch.clamp(w.pow(2).mean().sqrt() / self._init_std[i], min=1.0)
+
     def _side(self, x: Tensor, side: _Side, ids: list[int]) -> Tensor:
         N = x.shape[0]
         h, k = self.heads, side.blocks
@@ -112,7 +123,7 @@ class BilinearFeatures(nn.Module):
         t = x.reshape([sizes[a] for a in axes])  # (N, k, *start axes)
         for step, i in zip(side.steps, ids, strict=True):
             keep = ["_N", "_H", "_K", *step.after]
-            t, axes = contract(t, axes, self.cores[i], ["_H", "_K", *side.btc.cores[step.core]],
+            t, axes = contract(t, axes, self._weight(i), ["_H", "_K", *side.btc.cores[step.core]],
                                keep, sizes)
         if "_H" not in axes:  # no cores on this side: the features are x itself
             t = t.unsqueeze(1).expand(N, h, *t.shape[1:])
@@ -140,7 +151,7 @@ class Attention(nn.Module):
         self.spec = spec
         D = spec.width
         self.head_dim = spec.head_dim
-        self.features = nn.ModuleList(BilinearFeatures(g, D) for g in spec.groups)
+        self.features = nn.ModuleList(BilinearFeatures(g, D, rms_cap) for g in spec.groups)
         self.q_norm = nn.ModuleList()
         self.k_norm = nn.ModuleList()
         for f in self.features:

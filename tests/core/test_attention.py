@@ -561,3 +561,20 @@ def test_spec_is_frozen_and_validated_on_construction():
     ):
         AttentionSpec(D, (HeadGroup(1, (bad,)),), spec.value, spec.output)
     assert math.isclose(spec.logit_mult, 8.0)
+
+
+def test_rms_cap_reaches_the_score_cores():
+    spec = AttentionSpec.from_dict({"kind": "bilinear_btt", "heads": 2}, width=16, seq_len=8)
+    capped = Attention(spec, rms_cap=True).double()
+    with torch.no_grad():  # well below the cap (a random init can sit just above it)
+        for p in capped.features[0].cores:
+            p.mul_(0.5)
+    plain = Attention(spec).double()
+    plain.load_state_dict(capped.state_dict())
+    x = torch.randn(2, 8, 16, dtype=torch.float64)
+    assert torch.equal(capped.qkv(x)[0][1], plain.qkv(x)[0][1])  # below the cap: unchanged
+    feats = capped.features[0]
+    with torch.no_grad():
+        feats.cores[0].mul_(10.0)
+    w = feats._weight(0)
+    assert w.pow(2).mean().sqrt().item() == pytest.approx(feats._init_std[0], rel=1e-9)
