@@ -17,6 +17,7 @@ FlopCounterMode counts on ``Transformer.forward``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -389,11 +390,21 @@ def _attention_modules(spec: ModelSpec) -> list[Attention]:
 
 
 def layer_costs(spec: ModelSpec, seq_len: int | None = None) -> list[dict]:
+    """Params, FLOPs per token and KV-cache bytes per token of each layer at ``seq_len``.
+
+    Cached per (spec, length): model_flops, model_params and kv_cache_bytes all read it, and the
+    search and the training loop ask for the same specs many times.
+    """
     T = seq_len or spec.max_seq_len
     if not 1 <= T <= spec.max_seq_len:
         raise SpecError(f"the sequence length must be between 1 and max_seq_len="
                         f"{spec.max_seq_len} (the model cannot run longer ones), got {T}",
                         ("max_seq_len",))
+    return [dict(c) for c in _layer_costs(spec, T)]
+
+
+@functools.lru_cache(maxsize=256)
+def _layer_costs(spec: ModelSpec, T: int) -> tuple[dict, ...]:
     mlp_f = matrix_flops(spec.mlp_up) + matrix_flops(spec.mlp_down)
     mlp_p = spec.mlp_up.params + spec.mlp_down.params
     out = []
@@ -408,7 +419,7 @@ def layer_costs(spec: ModelSpec, seq_len: int | None = None) -> list[dict]:
             "mlp_flops_per_token": mlp_f,
             "kv_cache_bytes_per_token": mod.kv_cache_bytes_per_token(T),
         })
-    return out
+    return tuple(out)
 
 
 def embedding_flops_per_token(spec: ModelSpec) -> int:

@@ -45,23 +45,8 @@ class LevelPlan:
 
 
 def _steps(btc: BTC, order: tuple[int, ...]) -> tuple[Step, ...]:
-    sizes = btc.sizes
-    out_axes = [a for a, _ in btc.out_axes]
-    current = [a for a, _ in btc.in_axes]
-    steps = []
-    for pos, c in enumerate(order):
-        core = btc.cores[c]
-        later = set(out_axes)
-        for k in order[pos + 1:]:
-            later |= set(btc.cores[k])
-        involved = list(dict.fromkeys(current + list(core)))
-        if pos == len(order) - 1:
-            after = tuple(out_axes)
-        else:
-            after = tuple(a for a in involved if a in later)
-        steps.append(Step(c, tuple(current), after, prod(sizes[a] for a in involved)))
-        current = list(after)
-    return tuple(steps)
+    """Absorb the cores in ``order`` into x, ending on the output axes."""
+    return side_steps(btc, order, {a for a, _ in btc.in_axes}, tuple(a for a, _ in btc.out_axes))
 
 
 def best_order(btc: BTC) -> tuple[int, ...]:

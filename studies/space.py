@@ -35,7 +35,14 @@ from typing import Any
 import optuna
 
 from mlbtc_search.errors import SpecError, UsageError
-from mlbtc_search.model import MODEL_KEYS, AdapterSpec, ModelSpec, layer_costs
+from mlbtc_search.model import (
+    MODEL_KEYS,
+    AdapterSpec,
+    ModelSpec,
+    kv_cache_bytes,
+    model_flops,
+    model_params,
+)
 from mlbtc_search.yamlio import load_yaml
 
 from .sampling import (
@@ -313,13 +320,9 @@ class SearchSpace:
 
 
 def model_costs(spec: ModelSpec) -> tuple[float, int, float]:
-    """``(model_flops(spec), model_params(spec), kv_cache_bytes(spec))`` from one pass over the
-    layers (each of those functions walks them again; they agree, see the tests)."""
-    costs = layer_costs(spec)
-    flops = float(sum(c["flops_per_token"] for c in costs))
-    n_params = int(sum(c["params"] for c in costs) + spec.width)  # + the final LayerNorm
-    kv = float(sum(c["kv_cache_bytes_per_token"] for c in costs))
-    return flops, n_params, kv
+    """``(model_flops(spec), model_params(spec), kv_cache_bytes(spec))`` (the core caches the
+    per-layer costs they share)."""
+    return float(model_flops(spec)), int(model_params(spec)), float(kv_cache_bytes(spec))
 
 
 # ---- samplers ---------------------------------------------------------------------------------
