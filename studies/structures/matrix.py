@@ -18,8 +18,11 @@ valid matrix (no rejection, no wasted trials):
   Shape-agnostic: the same dict fits the MLP's up and down projections.
 - ``dense``: the unstructured matrix (the einsum-search sweeps also keep dense apart).
 
-``feature_levels > 1`` samples a sum of levels (MLR over features): each level has its own
-number of blocks (a power of two dividing in and out) and its own structure.
+``feature_levels > 1`` samples a sum of levels (MLR over features), each with its own structure,
+nested from coarse to fine like the sequence levels: level 0 has 2^b blocks (b sampled, up to
+``max_blocks``), each further level 2^step times the blocks of the previous one (step 1 or 2);
+a level whose blocks would no longer divide ``in`` and ``out`` (or exceed ``max_blocks``) ends
+the list. Repeating a blocking would only re-sum the same block pattern.
 """
 
 from __future__ import annotations
@@ -55,13 +58,22 @@ def sample_matrix(trial: Any, name: str, opts: MatrixOptions, n_in: int, n_out: 
     g = gcd(n_in, n_out)
     while max_k * 2 <= opts.max_blocks and g % (max_k * 2) == 0:
         max_k *= 2
+    top = int(math.log2(max_k))
     levels = []
+    prev_log2 = -1
     for lv in range(n_levels):
         p = f"{name}.l{lv}" if _levels_param(opts) else name
-        blocks = 1
-        top = int(math.log2(opts.max_blocks))
-        if top > 0:
-            blocks = min(2 ** trial.suggest_int(f"{p}.blocks_log2", 0, top), max_k)
+        if lv == 0:
+            k_log2 = 0
+            if opts.max_blocks > 1:
+                k_log2 = trial.suggest_int(f"{p}.blocks_log2", 0, int(math.log2(opts.max_blocks)))
+            k_log2 = min(k_log2, top)
+        else:  # nested: every finer level has 2^step times the blocks of the previous one
+            k_log2 = prev_log2 + trial.suggest_int(f"{p}.blocks_step", 1, 2)
+            if k_log2 > top:
+                break  # no finer blocking divides in and out: the list ends here
+        prev_log2 = k_log2
+        blocks = 2 ** k_log2
         form = opts.forms[0]
         if len(opts.forms) > 1:
             form = trial.suggest_categorical(f"{p}.form", list(opts.forms))

@@ -6,7 +6,8 @@ Two distributions sample the MLBTC structure itself instead of picking a named p
 
     forms: [graph, theta]    # parameterizations to choose from: graph (a contraction graph over
                              # cores and bonds), theta (the einsum-search exponents), dense
-    feature_levels: 3        # at most 3 levels (MLR over features), each its own structure
+    feature_levels: 3        # at most 3 levels (MLR over features), each its own structure,
+                             # blocks nested coarse to fine (each level 2x or 4x the previous)
     max_blocks: 8            # blocks per level: a power of two up to 8 (dividing in and out)
     cores: 3                 # graph: at most 3 cores in a chain
     axes: 3                  # graph: in and out each factorized into at most 3 axes
@@ -131,7 +132,7 @@ class AttentionOptions:
     halvings: int = 2
     windows: tuple[int, int] | None = (4, 32)
     score: MatrixOptions = field(default_factory=lambda: MatrixOptions(
-        forms=("graph",), feature_levels=3, max_blocks=8, cores=3, axes=3, ranks=(1, 64)))
+        forms=("graph",), feature_levels=4, max_blocks=8, cores=3, axes=3, ranks=(1, 16)))
     value: MatrixOptions | None = None
     output: MatrixOptions | None = None
 

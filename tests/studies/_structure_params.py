@@ -55,11 +55,15 @@ def tensor_train(ins: list[int], outs: list[int], ranks: list[int]) -> dict:
 
 
 def matrix(levels: list[tuple[int, dict]], feature_levels: bool = True) -> dict:
-    """A matrix: [(blocks_log2, level params)], under ``.l{i}`` when feature levels are on."""
+    """A matrix: [(blocks_log2, level params)], under ``.l{i}`` when feature levels are on;
+    the blocks must grow 2x or 4x from level to level (nested)."""
     d: dict = {".levels": len(levels)} if feature_levels else {}
+    prev = 0
     for i, (blocks_log2, rel) in enumerate(levels):
         prefix = f".l{i}" if feature_levels else ""
-        d.update(at(prefix, {".blocks_log2": blocks_log2, **rel}))
+        blocks = {".blocks_log2": blocks_log2} if i == 0 else {".blocks_step": blocks_log2 - prev}
+        d.update(at(prefix, {**blocks, **rel}))
+        prev = blocks_log2
     return d
 
 
