@@ -67,14 +67,14 @@ from .sampling import (
 log = logging.getLogger(__name__)
 
 TOP_KEYS = ("name", "task", "budget", "objectives", "sampler", "trials", "workers",
-            "resources", "storage", "seed", "train", "constraints", "baselines", "space")
+            "resources", "storage", "seed", "seeds", "train", "constraints", "baselines", "space")
 REQUIRED = ("task", "budget", "space")
 DEFAULTS: dict[str, Any] = {
     "objectives": ["val_loss", "flops_per_token"], "sampler": {"name": "tpe"}, "trials": 20,
     "workers": 1, "resources": {"cpus": 1.0, "gpus": 0.0}, "storage": None, "seed": 0,
-    "train": {}, "constraints": {}, "baselines": [],
+    "seeds": 1, "train": {}, "constraints": {}, "baselines": [],
 }
-OVERRIDES = ("trials", "workers", "storage", "name")
+OVERRIDES = ("trials", "workers", "storage", "name", "budget", "seeds")
 OBJECTIVES = ("val_loss", "flops_per_token", "params", "kv_cache_bytes", "latency")
 SAMPLER_OPTIONS = {
     "tpe": ("n_startup_trials", "n_ei_candidates", "multivariate", "group", "constant_liar",
@@ -129,6 +129,7 @@ class SearchSpace:
     baselines: tuple[dict, ...]
     space: dict  # the ``space:`` tree as written (dotted keys allowed)
     source: str = "<dict>"
+    seeds: int = 1  # every architecture is trained with seeds seed, seed+1, ...; objective = mean
     _root: Tree = field(init=False, repr=False, compare=False)
     _adapter: AdapterSpec = field(init=False, repr=False, compare=False)
     _seq_len: int = field(init=False, repr=False, compare=False)
@@ -143,6 +144,7 @@ class SearchSpace:
         setattr_(self, "budget_flops", _positive(self.budget_flops, ("budget",), "budget"))
         setattr_(self, "objectives", _objectives(self.objectives))
         setattr_(self, "seed", _int(self.seed, ("seed",), "seed", 0))
+        setattr_(self, "seeds", _int(self.seeds, ("seeds",), "seeds", 1))
         setattr_(self, "sampler", _sampler(self.sampler, self.seed))
         setattr_(self, "trials", _int(self.trials, ("trials",), "trials", 1))
         setattr_(self, "workers", _int(self.workers, ("workers",), "workers", 1))
@@ -166,7 +168,7 @@ class SearchSpace:
 
         Never raises for an invalid or over-constraint architecture: the Candidate says so.
         """
-        walk = Walk(self._root, trial)
+        walk = Walk(self._root, trial, self._seq_len)
         return self._candidate(walk.build(), walk.params)
 
     def fixed_params(self, baseline: dict) -> dict:
@@ -181,7 +183,8 @@ class SearchSpace:
             "name": self.name, "task": copy.deepcopy(self.task), "budget": self.budget_flops,
             "objectives": list(self.objectives), "sampler": dict(self.sampler),
             "trials": self.trials, "workers": self.workers, "resources": dict(self.resources),
-            "storage": _mask(self.storage), "seed": self.seed, "train": dict(self.train),
+            "storage": _mask(self.storage), "seed": self.seed, "seeds": self.seeds,
+            "train": dict(self.train),
             "constraints": dict(self.constraints),
             "baselines": [copy.deepcopy(b) for b in self.baselines],
             "space": expand(copy.deepcopy(self.space)),
@@ -251,7 +254,7 @@ class SearchSpace:
         valid: list[Candidate] = []
         built: list[dict] = []
         for _ in range(DRY_SAMPLES):
-            walk = Walk(self._root, study.ask())
+            walk = Walk(self._root, study.ask(), self._seq_len)
             b = walk.build()
             c = self._candidate(b, walk.params, costs=False)
             if c.spec is None:
@@ -302,7 +305,7 @@ class SearchSpace:
         flat = self._flatten(raw, doc)
         params = self._encode(flat)
         replay = ReplayTrial(params)
-        walk = Walk(self._root, replay)
+        walk = Walk(self._root, replay, self._seq_len)
         built = walk.build()
         if not replay.missing:  # a full assignment: it must be used and give a valid model
             for name in params:
@@ -412,7 +415,10 @@ def _check_overrides(overrides: Mapping[str, Any]) -> dict:
         if value is None:
             continue
         flag = "--" + key
-        if key in ("trials", "workers") and (
+        if key == "budget" and (isinstance(value, bool) or not isinstance(value, int | float)
+                                or not value > 0 or value == float("inf")):
+            raise UsageError(f"{flag} must be a positive number of FLOPs, got {value!r}")
+        if key in ("trials", "workers", "seeds") and (
                 isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise UsageError(f"{flag} must be an integer >= 1, got {value!r}")
         if key in ("storage", "name") and (not isinstance(value, str) or not value.strip()):

@@ -6,18 +6,18 @@ space; the model it builds has the same canonical hash as the model written with
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import _structure_params as P
 import optuna
 import pytest
-import yaml
 
 from mlbtc_search.model import ModelSpec
-from studies.structures import parse_options, sample_attention, sample_matrix
+from studies.space import SearchSpace, load_space
 
 ROOT = Path(__file__).resolve().parents[2]
-SPACES = {"mlbtc_icl": ("attention", 64, 64), "mlbtc_text": ("layers.0", 64, 64)}
+SPACES = {"mlbtc_icl": ("attention", 2), "mlbtc_text": ("layers.0", 1)}  # where, depth
 
 D = 64
 
@@ -60,19 +60,9 @@ FAMILIES = {
 }
 
 
-def _space(name: str) -> dict:
-    return yaml.safe_load((ROOT / "search_spaces" / f"{name}.yaml").read_text())["space"]
-
-
-def _sample(name: str, params: dict) -> ModelSpec:
-    raw = _space(name)
-    where, width, T = SPACES[name]
-    trial = optuna.trial.FixedTrial(params)
-    attn_raw = raw["attention"] if where == "attention" else raw["layers"]["per_layer"]
-    attn = sample_attention(trial, where, parse_options(attn_raw), width, T)
-    mlp = sample_matrix(trial, "mlp", parse_options(raw["mlp"]), width, 4 * width)
-    return ModelSpec.from_dict({"width": width, "depth": 1, "attention": attn, "mlp": mlp,
-                                "max_seq_len": T})
+@functools.cache
+def _space(name: str) -> SearchSpace:
+    return load_space(ROOT / "search_spaces" / f"{name}.yaml")
 
 
 @pytest.mark.filterwarnings("error:The value .* is out of the range:UserWarning")
@@ -80,10 +70,17 @@ def _sample(name: str, params: dict) -> ModelSpec:
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_named_family_is_a_point_of_the_neutral_space(space, family):
     preset, rel = FAMILIES[family]
-    where = SPACES[space][0]
-    params = {**P.at(where, rel), "mlp.form": "dense"}
-    got = _sample(space, params)
-    want = ModelSpec.from_dict({"width": D, "depth": 1, "attention": preset,
-                                "mlp": {"dense": {}}, "max_seq_len": 64})
+    where, depth = SPACES[space]
+    params = {**P.at(where, rel), "mlp.form": "dense", "depth": depth, "width": D,
+              "train.lr": 3e-3}
+    if space == "mlbtc_icl":
+        params.pop("width")  # fixed at 64 in that space
+    cand = _space(space).sample(optuna.trial.FixedTrial(params))
+    assert cand.spec is not None, cand.error
+    got = cand.spec
+    want = ModelSpec.from_dict({"width": D, "depth": depth, "attention": preset,
+                                "mlp": {"dense": {}}}, adapter=got.adapter,
+                               seq_len=got.max_seq_len)
     assert got.hash() == want.hash()
+    assert set(cand.params) >= set(params)  # every given parameter was used
     assert got.layers[0].kind == want.layers[0].kind or want.layers[0].kind == "general"

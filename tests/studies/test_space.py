@@ -293,8 +293,12 @@ def test_precedence_cli_over_file_over_default(tmp_path: Path):
     assert space.to_dict()["storage"] == "postgresql://u:***@h/db"
     with pytest.raises(UsageError, match=r"--trials must be an integer >= 1, got 0"):
         load_space(path, {"trials": 0})
-    with pytest.raises(UsageError, match=r"unknown override 'budget'"):
-        load_space(path, {"budget": 1e9})
+    with pytest.raises(UsageError, match=r"unknown override 'seed'"):
+        load_space(path, {"seed": 1})
+    space = load_space(path, {"budget": 1e9, "seeds": 3})  # mlbtc search --budget --seeds
+    assert (space.budget_flops, space.seeds) == (1e9, 3)
+    with pytest.raises(UsageError, match=r"--budget must be a positive number of FLOPs"):
+        load_space(path, {"budget": -1.0})
 
 
 def test_default_storage_is_beside_the_yaml(tmp_path: Path):
