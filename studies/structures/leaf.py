@@ -42,6 +42,10 @@ def parse_structure(raw: dict, src: tuple) -> MatrixOptions | AttentionOptions:
         if not (model_path == ["attention"] or model_path[:1] == ["layers"]):
             raise SpecError("structure: attention stands for one layer's attention: at "
                             "attention, or in layers (per_layer)", src + (KEY,))
+    elif model_path == ["attention"] or (model_path[:1] == ["layers"] and len(model_path) <= 2):
+        raise SpecError("structure: matrix stands where a matrix spec stands (mlp, a level's "
+                        "score, value, output); one layer's attention is structure: attention",
+                        src + (KEY,))
     elif model_path == ["mlp"] and "graph" in opts.forms:
         raise SpecError("the MLP's up and down projections share one spec, so its structure "
                         "forms are theta or dense (a contraction graph has one shape), got "
