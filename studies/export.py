@@ -128,7 +128,9 @@ def get_trial(recs: Sequence[TrialRecord], number: int, study_name: str = "the s
                          f"0..{len(recs) - 1})" if recs else f"study {study_name!r} has no trials")
     t = found[0]
     if t.state != "complete":
-        why = f"status {t.state}" + (f": {t.why}" if t.why else "")
+        parts = [p for p in (t.reason, None if t.duplicate_of is None else
+                             f"duplicate of trial {t.duplicate_of}") if p]
+        why = "; ".join(parts) or "no reason recorded"
         raise UsageError(f"trial {number} of study {study_name!r} is {t.state}, not complete "
                          f"({why}); only trained trials can be exported")
     if not t.exportable:

@@ -219,7 +219,7 @@ def read_artifact(info: StudyInfo, artifact_id: str, what: str) -> bytes:
         with artifact_store(info).open_reader(artifact_id) as f:
             return f.read()
     except (ArtifactNotFound, FileNotFoundError, ValueError) as exc:
-        raise UsageError(f"{what} (artifact {artifact_id}) is not in the artifact store "
+        raise UsageError(f"{what} (artifact {artifact_id}) not found in the artifact store "
                          f"{info.artifact_dir}: {exc}") from None
 
 
