@@ -15,9 +15,9 @@ from urllib.parse import quote
 from dash import dash_table, dcc, html
 from dash.dash_table.Format import Format, Scheme
 
-from studies.record import StudyInfo
+from studies.record import STATES, StudyInfo
 
-from .data import NA, STATES, StudyView, fmt, fmt_si, fmt_time
+from .data import NA, StudyView, fmt, fmt_si, fmt_time
 
 GRAPH_CONFIG = {"displaylogo": False, "responsive": True,
                 "modeBarButtonsToRemove": ["lasso2d", "select2d"]}
