@@ -30,6 +30,7 @@ from dash.exceptions import PreventUpdate
 from optuna.storages import BaseStorage
 
 from mlbtc_search.errors import MlbtcError, UsageError
+from studies.record import json_safe
 from studies.storage import storage_label
 
 from . import architecture, data, figures, pages
@@ -141,7 +142,7 @@ class Dashboard:
         trial = load_trial(self.storage, study.study_id, number)
         row = data.trial_row(trial)
         spec = trial.spec
-        spec_yaml = (yaml.safe_dump(data.json_safe(spec), sort_keys=False, width=99)
+        spec_yaml = (yaml.safe_dump(json_safe(spec), sort_keys=False, width=99)
                      if spec is not None else "(no spec recorded)")
         matrices: list[str] = []
         spec_error = None
