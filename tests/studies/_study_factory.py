@@ -3,8 +3,9 @@
 ``make_study(storage_url, artifact_dir)`` records tiny but really trained models
 (``trainers.train``) as COMPLETE trials with the contract's user attrs and a real safetensors
 weights artifact, plus one infeasible, one failed and one duplicate trial, as the search runner
-records them (the storage contract, :mod:`studies.record`: dicts and lists as JSON strings). Training happens once per process and is
-cached; recording into a storage takes well under a second.
+records them (the storage contract, :mod:`studies.record`: dicts and lists as JSON strings).
+Training happens once per process and is cached; recording into a storage takes well under a
+second.
 """
 
 from __future__ import annotations
