@@ -31,10 +31,11 @@ from _search_helpers import (
 from optuna.trial import TrialState
 
 from mlbtc_search.cli import main
-from studies.pareto import front_rows
+from studies.pareto import front
+from studies.record import records
 from studies.runner import run_search
 from studies.space import load_space
-from studies.storage import load_study, open_storage
+from studies.storage import load_records, load_study, open_storage
 from studies.trials import STALE_REASON, dedup_key
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -77,8 +78,7 @@ def _trained(ts) -> int:
 
 
 def _assert_no_repeats(ts):
-    keys = [dedup_key(t.user_attrs["hash"], t.user_attrs["train"], t.user_attrs["seed"])
-            for t in complete(ts)]
+    keys = [dedup_key(r.hash, r.train, r.seed) for r in records(complete(ts))]
     assert len(keys) == len(set(keys))
 
 
@@ -131,9 +131,9 @@ def test_diverging_trial_is_failed_with_its_reason(ray_local, storage_url, tmp_p
     assert "loss" in t0.user_attrs["reason"]
     assert "weights_artifact_id" not in t0.user_attrs and t0.values is None
     assert not [t for t in ts if t.user_attrs.get("retry_of") == 0]  # it would fail again
-    assert 0 not in [r["trial"] for r in front_rows(study)]
+    assert 0 not in [r.number for r in front(load_records(study))]
     assert outcome.snapshot.done == 2 and outcome.snapshot.failed == 1
-    assert [r["trial"] for r in front_rows(study)] == [1]
+    assert [r.number for r in front(load_records(study))] == [1]
 
 
 def test_invalid_space_exits_2_and_writes_nothing(storage_url, tmp_path, capsys):
