@@ -33,7 +33,8 @@ def _lazy(target: str) -> Callable[[argparse.Namespace], int]:
 def _storage(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", metavar="URL",
                    help="study storage URL (sqlite:///path.db or postgresql://...); default: "
-                        "the MLBTC_STORAGE environment variable, else sqlite:///mlbtc.db")
+                        "the MLBTC_STORAGE environment variable, else sqlite:///mlbtc.db in "
+                        "the working directory (the same for every command)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     _storage(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8050)
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="log every HTTP request (as mlbtc -v dashboard)")
     p.set_defaults(run=_lazy("dashboard.cli:serve"))
     return parser
 

@@ -7,7 +7,6 @@ Every helper waits on a condition with a deadline, never a fixed sleep.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -115,17 +114,34 @@ def complete(ts: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTria
     return [t for t in ts if t.state == optuna.trial.TrialState.COMPLETE]
 
 
-def hook_env(trial: int, pid_dir: Path, sleep_s: float = 300.0) -> dict[str, str]:
-    """Environment that makes trial ``trial`` write its worker pid and sleep before training."""
-    return {"MLBTC_TEST_TRIAL_HOOK": json.dumps(
-        {"trial": trial, "sleep_s": sleep_s, "pid_dir": str(pid_dir)})}
+# A trial made slow by its own training settings (no test hook in production code): this many
+# evaluation batches take a few seconds even for the tiny models, long enough to act on.
+SLOW_EVAL_BATCHES = 400
 
 
-def read_pid(pid_file: Path) -> int | None:
+def trial_worker_pid(number: int, root_pid: int | None = None) -> int | None:
+    """The pid of the Ray worker training trial ``number`` right now, else None.
+
+    The runner names each trial's Ray task ``mlbtc-trial-<number>`` and Ray shows the running
+    task's name as the worker's process title (``ray::mlbtc-trial-3``). Only descendants of
+    ``root_pid`` (default: this process, whose Ray started the workers) are considered, so other
+    searches on the machine are never touched.
+    """
+    import psutil
+
+    title = f"ray::mlbtc-trial-{number}"
     try:
-        return int(pid_file.read_text())
-    except (OSError, ValueError):
+        children = psutil.Process(root_pid or os.getpid()).children(recursive=True)
+    except psutil.Error:
         return None
+    for child in children:
+        try:
+            cmdline = child.cmdline()
+        except psutil.Error:
+            continue
+        if cmdline and cmdline[0].strip() == title:
+            return child.pid
+    return None
 
 
 def cli_env(tmp_path: Path, **extra: str) -> dict[str, str]:
