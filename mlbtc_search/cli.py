@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     _storage(p)
     p.add_argument("--trials", type=int, help="number of trials (default: from the file)")
     p.add_argument("--name", help="study name (default: from the file)")
+    p.add_argument("--budget", type=float, help="training FLOPs per trial, e.g. 2e9 for a smoke "
+                                                "run (default: from the file)")
+    p.add_argument("--seeds", type=int, help="seeds per architecture; the loss objective is "
+                                             "their mean (default: from the file, else 1)")
     p.set_defaults(run=_lazy("studies.cli:search"))
 
     p = sub.add_parser("studies", help="list the studies in a storage")
@@ -95,6 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     _storage(p)
     p.add_argument("--json", action="store_true", help="print a JSON list of trials")
     p.set_defaults(run=_lazy("studies.cli:pareto"))
+
+    p = sub.add_parser("importance", help="which parameters and structure descriptors matter, "
+                                          "for loss and for FLOPs (PED-ANOVA)")
+    p.add_argument("study", help="study name")
+    _storage(p)
+    p.add_argument("--top", type=int, default=10, help="rows per objective (default 10)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=_lazy("studies.cli:importance"))
 
     p = sub.add_parser("export", help="export a trial's architecture and weights to a directory")
     p.add_argument("study", help="study name")

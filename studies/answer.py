@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from studies.pareto import pareto_front
+from studies.record import TrialRecord
+from studies.storage import artifact_dir_for, sqlite_path
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,36 @@ class FamilyRow:
     best_loss: float
     best_flops: float
     front: int  # points of the family's own front
+
+
+def entries(recs: Sequence[TrialRecord]) -> list[Entry]:
+    """One entry per COMPLETE trial: its structure label (else its recorded family), the mean
+    loss over its seeds and their spread, FLOPs, and width / depth / heads / lr."""
+    out = []
+    for r in recs:
+        if r.point is None:
+            continue
+        spec = r.spec or {}
+        summary = (r.descriptors or {}).get("summary", {})
+        attrs: dict[str, Any] = {k: spec[k] for k in ("width", "depth") if k in spec}
+        if "heads" in summary:
+            attrs["heads"] = int(summary["heads"])
+        if "lr" in r.train:
+            attrs["lr"] = r.train["lr"]
+        out.append(Entry(r.number, r.structure or r.family or "unknown", r.point[0],
+                         r.point[1], r.loss_std or 0.0, r.seeds or 1,
+                         (r.descriptors or {}).get("label", ""), attrs))
+    return out
+
+
+def png_path(url: str, study_name: str) -> Path:
+    """Where the front's PNG goes: beside a SQLite file (``<db dir>/<study>-front.png``), else
+    in the study's artifact directory."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in study_name) or "study"
+    db = sqlite_path(url)
+    if db is not None:
+        return (db.parent / f"{safe}-front.png").resolve()
+    return artifact_dir_for(url, study_name) / "front.png"
 
 
 def _ok(e: Entry) -> bool:
