@@ -75,14 +75,14 @@ def entries(recs: Sequence[TrialRecord]) -> list[Entry]:
     return out
 
 
-def png_path(url: str, study_name: str) -> Path:
+def png_path(url: str, study_name: str, artifact_dir: str | None = None) -> Path:
     """Where the front's PNG goes: beside a SQLite file (``<db dir>/<study>-front.png``), else
-    in the study's artifact directory."""
+    in the study's artifact directory (``artifact_dir``, the one the study recorded)."""
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in study_name) or "study"
     db = sqlite_path(url)
     if db is not None:
         return (db.parent / f"{safe}-front.png").resolve()
-    return artifact_dir_for(url, study_name) / "front.png"
+    return Path(artifact_dir or artifact_dir_for(url, study_name)) / "front.png"
 
 
 def _ok(e: Entry) -> bool:

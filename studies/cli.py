@@ -60,12 +60,13 @@ def search(args: argparse.Namespace) -> int:
 def _answer(study: Any, url: str, recs: Any = None) -> str:
     """The per-family table, the front, the sentence; writes the PNG (see studies.answer)."""
     from .answer import entries, format_answer, plot_front, png_path
-    from .storage import load_records
+    from .storage import load_records, study_info
 
     ents = entries(recs if recs is not None else load_records(study))
     png = None
     if ents:
-        png = plot_front(ents, png_path(url, study.study_name),
+        where = png_path(url, study.study_name, study_info(study).artifact_dir)
+        png = plot_front(ents, where,
                          title=f"{study.study_name}: loss against FLOPs per token")
     return format_answer(ents, png)
 
