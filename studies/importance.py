@@ -6,21 +6,24 @@ exist only when it has them), and fANOVA / mean-decrease-impurity silently drop 
 that is not in all trials. It treats lower as better, which is right for both objectives.
 
 - :func:`param_importances`: Optuna's own parameters (the YAML paths), per objective.
-- :func:`descriptor_importances`: the same evaluator over the trials' structure descriptors
-  (``descriptors.summary``: heads, q.k width, rank, cores, levels, finest block, ...), which are
-  fewer and easier to read than the hundreds of structural parameters they come from. They are
-  put on trials of an in-memory study as float parameters over their observed range.
+- :func:`descriptor_importances`: the same evaluator over named features of the trials: their
+  structure descriptors (``descriptors.summary``: heads, q.k width, rank, cores, levels, finest
+  block, ...), which are fewer and easier to read than the hundreds of structural parameters
+  they come from, or the sampled parameters as the records hold them (the dashboard reads
+  records, not Optuna's distributions). They are put on the trials of an in-memory study:
+  numbers as float parameters over their observed range, other values as categoricals.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import optuna
-from optuna.distributions import FloatDistribution
+from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.importance import PedAnovaImportanceEvaluator, get_param_importances
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
@@ -50,28 +53,47 @@ def param_importances(study: optuna.Study, objectives: Sequence[str]
 
 
 def descriptor_importances(values: Sequence[Sequence[float]],
-                           descriptors: Sequence[Mapping[str, float]],
+                           descriptors: Sequence[Mapping[str, Any]],
                            objectives: Sequence[str]) -> dict[str, dict[str, float]]:
-    """Importances of descriptor values (one mapping per trial) for each objective value."""
+    """Importances of named features (one mapping per trial: descriptor summaries, or sampled
+    parameters as records hold them) for each objective. Numbers become float parameters over
+    their observed range, anything else a categorical over the values seen; a feature that
+    never varies is left out."""
     rows = [(list(v), dict(d)) for v, d in zip(values, descriptors, strict=True)
-            if all(math.isfinite(x) for x in v)]
+            if len(v) >= len(objectives) and all(math.isfinite(x) for x in v)]
     if len(rows) < MIN_TRIALS:
         return {}
-    ranges: dict[str, tuple[float, float]] = {}
+    seen: dict[str, list[Any]] = {}
     for _, d in rows:
         for k, x in d.items():
-            if isinstance(x, (int, float)) and math.isfinite(x):
-                lo, hi = ranges.get(k, (x, x))
-                ranges[k] = (min(lo, x), max(hi, x))
-    varying = {k: FloatDistribution(lo, hi) for k, (lo, hi) in ranges.items() if hi > lo}
-    if not varying:
+            seen.setdefault(k, []).append(x)
+    dists: dict[str, Any] = {}
+    for k, xs in seen.items():
+        if all(_number(x) for x in xs):
+            lo, hi = min(xs), max(xs)
+            if hi > lo:
+                dists[k] = FloatDistribution(float(lo), float(hi))
+        else:
+            cats = sorted({_category(x) for x in xs})
+            if len(cats) > 1:
+                dists[k] = CategoricalDistribution(cats)
+    if not dists:
         return {}
     study = optuna.create_study(directions=["minimize"] * len(objectives))
     for v, d in rows:
-        params = {k: float(d[k]) for k in varying if k in d}
-        study.add_trial(create_trial(values=v, params=params,
-                                     distributions={k: varying[k] for k in params}))
+        params = {k: (float(d[k]) if isinstance(dists[k], FloatDistribution)
+                      else _category(d[k])) for k in dists if k in d}
+        study.add_trial(create_trial(values=v[:len(objectives)], params=params,
+                                     distributions={k: dists[k] for k in params}))
     return {name: _evaluate(study, i) for i, name in enumerate(objectives)}
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _category(x: Any) -> str:
+    return x if isinstance(x, str) else json.dumps(x, sort_keys=True)
 
 
 def format_importances(imp: Mapping[str, Mapping[str, float]], top: int = 10,

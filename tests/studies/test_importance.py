@@ -49,3 +49,12 @@ def test_descriptor_importances():
     assert max(imp["val_loss"], key=imp["val_loss"].get) == "qk_width"
     assert max(imp["flops_per_token"], key=imp["flops_per_token"].get) == "cores"
     assert "constant" not in imp["val_loss"]  # a descriptor that never varies says nothing
+
+
+def test_feature_importances_take_categories_and_missing_values():
+    values = [(1.0 + (i % 2), float(i)) for i in range(12)]
+    feats = [{"kind": ["a", "b"][i % 2], "n": float(i)} | ({"opt": i % 3} if i % 3 else {})
+             for i in range(12)]
+    imp = descriptor_importances(values, feats, ["val_loss", "flops_per_token"])
+    assert max(imp["val_loss"], key=imp["val_loss"].get) == "kind"
+    assert max(imp["flops_per_token"], key=imp["flops_per_token"].get) == "n"
