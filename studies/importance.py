@@ -79,7 +79,12 @@ def descriptor_importances(values: Sequence[Sequence[float]],
                 dists[k] = CategoricalDistribution(cats)
     if not dists:
         return {}
-    study = optuna.create_study(directions=["minimize"] * len(objectives))
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "new study created" line
+    try:
+        study = optuna.create_study(directions=["minimize"] * len(objectives))
+    finally:
+        optuna.logging.set_verbosity(level)
     for v, d in rows:
         params = {k: (float(d[k]) if isinstance(dists[k], FloatDistribution)
                       else _category(d[k])) for k in dists if k in d}
