@@ -21,6 +21,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from studies.descriptors import attention_family  # one classifier for sampler and reports
+
 from .matrix import nearest_divisor, sample_matrix
 from .options import AttentionOptions
 
@@ -55,8 +57,6 @@ def sample_attention(trial: Any, name: str, opts: AttentionOptions, width: int,
         m = getattr(opts, key)
         out[key] = {"dense": {}} if m is None else sample_matrix(trial, f"{name}.{key}", m,
                                                                  width, width)
-    from studies.descriptors import attention_family  # one classifier for sampler and reports
-
     out["family"] = attention_family(out, width, seq_len)
     return out
 
