@@ -320,4 +320,22 @@ def trial_metrics(rec: TrialRecord) -> list[tuple[str, str]]:
     ]
     if rec.duplicate_of is not None:
         items.append(("duplicate of trial", str(rec.duplicate_of)))
+    if rec.seed_results:
+        items.append(("seeds (loss each)", ", ".join(
+            f"{r.get('seed')}: {fmt(r.get('val_loss'), 4)}" for r in rec.seed_results)))
+        items.append(("loss spread over seeds (std)", fmt(rec.loss_std, 4)))
+    desc = rec.descriptors or {}
+    if desc:
+        items.append(("structure", desc.get("label") or rec.structure or NA))
+        for layer, lay in enumerate(desc.get("layers", [])):
+            for g, group in enumerate(lay.get("groups", [])):
+                levels = "; ".join(
+                    f"{'global' if lv.get('block_size') is None else lv['block_size']}: "
+                    f"{lv.get('family')} rank {lv.get('rank')} q.k {lv.get('qk_width')}"
+                    for lv in group.get("levels", []))
+                window = f", window {group['window']}" if group.get("window") else ""
+                items.append((f"layer {layer} group {g} ({group.get('heads')} heads{window})",
+                              levels))
+        for key, value in desc.get("summary", {}).items():
+            items.append((f"descriptor: {key.replace('_', ' ')}", fmt(value)))
     return items

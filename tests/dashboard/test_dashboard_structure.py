@@ -84,3 +84,17 @@ def test_study_page_data_over_a_real_storage(tmp_path):
     assert all(t.marker.colorscale for t in pts)  # coloured by the descriptor
     assert any(t.error_y.array for t in pts)
     assert d["importance_descriptors"].data
+
+
+def test_trial_page_lists_seeds_and_descriptors():
+    recs, _ = _view()
+    rec = TrialRecord.from_parts(
+        number=9, optuna_state="COMPLETE", values=[1.0, 1e4],
+        user_attrs={"status": "ok", "loss_std": 0.02, "seeds": 2, "seed_results": encode_attr(
+            [{"seed": 0, "val_loss": 0.98}, {"seed": 1, "val_loss": 1.02}]),
+            "descriptors": encode_attr(recs[1].descriptors)})
+    items = dict(data.trial_metrics(rec))
+    assert items["seeds (loss each)"] == "0: 0.98, 1: 1.02"
+    assert items["structure"] == "mlr"
+    assert items["layer 0 group 0 (2 heads)"].startswith("global: low_rank rank ")
+    assert "descriptor: qk width" in items
