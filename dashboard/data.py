@@ -193,7 +193,8 @@ def trial_row(rec: TrialRecord) -> dict[str, Any]:
     desc = describe_spec(rec.spec)
     row.update(width=desc["width"], depth=desc["depth"], heads=desc["heads"],
                attention=desc["attention"], mlp=desc["mlp"],
-               arch=architecture_line(row["family"], desc, rec.flops_per_token, rec.val_loss),
+               arch=architecture_line(row["structure"], desc, rec.flops_per_token,
+                                      rec.val_loss),
                on_front=False)
     for key, value in (rec.descriptors or {}).get("summary", {}).items():
         row[DESCRIPTOR_PREFIX + key] = value  # colour / size the front by these
