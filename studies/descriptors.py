@@ -196,8 +196,8 @@ def describe(spec: ModelSpec) -> dict:
 def _coarse_matrix(spec: MatrixSpec) -> str:
     if len(spec.levels) > 1:
         return "mlr"
-    name = level_family(spec.levels[0])
-    return f"btc{len(spec.levels[0].btc.cores)}" if name == "btc" else name
+    level = spec.levels[0]
+    return level_family(level) if level.blocks == 1 else f"block_{level_family(level)}"
 
 
 def _coarse_group(group: HeadGroup) -> str:
@@ -210,12 +210,12 @@ def _coarse_group(group: HeadGroup) -> str:
 
 
 def family_label(spec: ModelSpec) -> str:
-    """The family a trial is counted in by the answer's table: per head group ``standard``,
-    ``mlr`` (sequence levels), ``sliding_window`` or ``bilinear_<matrix>`` (one global level,
-    block-diagonal structure ignored, ``btc<cores>`` for a general graph); groups joined by
-    ``+``, layers by ``, ``. The MLP is not part of it."""
-    layers = ["+".join(sorted(set(_coarse_group(g) for g in a.groups))) for a in spec.layers]
-    return ", ".join(dict.fromkeys(layers))
+    """The family a trial is counted in by the answer's table: the kinds of its head groups over
+    all layers, sorted and joined by ``+``. A group is ``standard`` (one global low-rank level),
+    ``mlr`` (nested sequence levels), ``sliding_window``, or ``bilinear_<matrix family>`` (one
+    global level with another bilinear form; ``btc`` for a general contraction graph,
+    ``block_<family>`` for a block-diagonal one). The MLP is not part of it."""
+    return "+".join(sorted({_coarse_group(g) for a in spec.layers for g in a.groups}))
 
 
 def model_label(spec: ModelSpec) -> str:
