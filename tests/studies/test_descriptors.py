@@ -81,3 +81,13 @@ def test_bilinear_families_and_attention_kind():
     assert family_label(_model(dense)) == "bilinear_dense"
     assert attention_family(dense, 64, 64) == "general"
     assert attention_family({"kind": "standard", "heads": 2}, 64, 64) == "standard"
+
+
+def test_family_label_unites_layers_and_names_block_diagonal_forms():
+    spec = ModelSpec.from_dict({"width": 64, "depth": 3, "max_seq_len": 64, "layers": [
+        {"kind": "standard", "heads": 2}, {"kind": "sliding_window", "heads": 2, "window": 8},
+        {"kind": "standard", "heads": 4}]})
+    assert family_label(spec) == "sliding_window+standard"
+    block = {"kind": "general", "groups": [{"heads": 2, "levels": [{"score": {
+        "block_diag": {"blocks": 4, "structure": {"low_rank": {"rank": 2}}}}}]}]}
+    assert family_label(_model(block)) == "bilinear_block_low_rank"
