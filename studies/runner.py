@@ -104,6 +104,8 @@ def connect_ray(space: SearchSpace, address: str | None) -> bool:
     verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
     common: dict[str, Any] = {"log_to_driver": verbose,
                               "logging_level": logging.INFO if verbose else logging.WARNING}
+    if address and address != "auto":
+        _check_reachable(address)
     try:
         if address:
             ray.init(address=address, **common)
@@ -117,6 +119,29 @@ def connect_ray(space: SearchSpace, address: str | None) -> bool:
         first = " ".join(str(exc).split())[:300]
         raise UsageError(f"cannot start or join {where}: {first}") from None
     return True
+
+
+JOIN_TIMEOUT_S = 5.0
+
+
+def _check_reachable(address: str) -> None:
+    """A one-line UsageError unless a TCP connection to the Ray head at ``address`` opens.
+
+    ``ray.init(address=...)`` retries an unreachable head for minutes (measured: still retrying
+    after 5 minutes, Ray 2.60), so a typo in ``--address`` would hang the search.
+    """
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"--address must be HOST:PORT of a Ray head (e.g. 127.0.0.1:6379), "
+                         f"got {address!r}")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=JOIN_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        raise UsageError(f"cannot join the Ray cluster at {address}: {exc.strerror or exc} "
+                         f"(is `ray start --head` running there?)") from None
 
 
 def _remote_run_trial(space: SearchSpace) -> Any:
