@@ -222,14 +222,17 @@ def run_search(space: SearchSpace, storage_url: str | None = None, address: str 
 
 def trained_so_far(url: str, name: str) -> int | None:
     """Trained trials of study ``name`` if it exists (read-only peek), else None."""
+    storage = None
     try:
         storage = open_storage(url, create=False)
         if name not in study_names(storage):
             return None
-        study = optuna_load(storage, name)
+        return sum(1 for r in load_records(optuna_load(storage, name)) if r.trained)
     except Exception:  # noqa: BLE001 - no database or no tables yet: a new study
         return None
-    return sum(1 for r in load_records(study) if r.trained)
+    finally:
+        if storage is not None:
+            storage.engine.dispose()
 
 
 def optuna_load(storage: Any, name: str) -> Any:
