@@ -321,7 +321,7 @@ def test_export_a_real_search(ray_local, cli, tmp_path, capsys):
     outcome = run_search(load_space(tmp_path / "tiny.yaml"), url)
     assert outcome.snapshot.ok == 2
     study = optuna.load_study(study_name="tiny-search", storage=url)
-    best = min((t for t in study.trials if t.state == TrialState.COMPLETE),
+    best = min((t for t in load_records(study) if t.state == "complete"),
                key=lambda t: t.values[0])
 
     out = tmp_path / "exports" / "best"

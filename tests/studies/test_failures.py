@@ -191,6 +191,7 @@ def test_killed_driver_resumes_without_repeating_trials(tmp_path):
     cp = run_search_cli(args, cli_env(tmp_path), REPO)
     assert cp.returncode == 0, cp.stderr
     assert "previous driver" in cp.stderr
+    assert "resuming study 'tiny'" in cp.stderr and "resumed: this run trained" in cp.stdout
 
     ts = trials(storage_url)
     t2 = _by_number(ts)[2]
