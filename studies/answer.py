@@ -133,6 +133,10 @@ def sentence(entries: Sequence[Entry]) -> str:
     best = pts[-1]
     head = (f"The front has {len(pts)} point{'s' * (len(pts) != 1)} from {len(fams)} "
             f"famil{'ies' if len(fams) != 1 else 'y'}")
+    if len(pts) == 1:
+        return (f"The front is one point: #{best.number} ({best.family}, {best.flops:.3g} "
+                f"FLOPs/token, loss {best.loss:.4g}); every other architecture costs more FLOPs "
+                "and reaches a higher loss.")
     if len(runs) == 1:
         return (f"{head}: {fams[0]} is best at every FLOPs tried, from {pts[0].flops:.3g} to "
                 f"{best.flops:.3g} FLOPs/token (lowest loss {best.loss:.4g}).")

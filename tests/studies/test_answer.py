@@ -41,6 +41,9 @@ def test_front_and_sentence():
     one = front_sentence(E[:2])
     assert "standard is best at every FLOPs tried" in one
     assert front_sentence([]) == "No architecture finished, so there is no front yet."
+    assert front_sentence([E[0], E[5]]) == (
+        "The front is one point: #0 (standard, 1e+05 FLOPs/token, loss 2.2); every other "
+        "architecture costs more FLOPs and reaches a higher loss.")
 
 
 def test_format_answer_and_png(tmp_path):
