@@ -209,7 +209,9 @@ def plot_front(entries: Sequence[Entry], path: str | Path, title: str = "") -> P
     pts = front(good)
     if pts:
         ax.step([e.flops for e in pts], [e.loss for e in pts], where="post", color="black",
-                lw=1, alpha=0.6, label="front")
+                lw=1, alpha=0.6)
+        ax.scatter([e.flops for e in pts], [e.loss for e in pts], s=110, facecolors="none",
+                   edgecolors="black", linewidths=1.3, label="front", zorder=3)
     ax.set_xscale("log")
     ax.set_xlabel("forward FLOPs per token (non-embedding)")
     ax.set_ylabel("validation loss (mean over seeds)")
