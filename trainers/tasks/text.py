@@ -34,6 +34,7 @@ from torch import Tensor
 from mlbtc_search.errors import SpecError, TrainingError
 
 from .base import (
+    MAX_SIZE,
     Adapter,
     Task,
     check_choice,
@@ -76,7 +77,7 @@ class TextTask(Task):
         val_fraction: float = 0.05,
     ) -> None:
         fmt = check_choice("format", format, FORMATS)
-        self.seq_len = check_int("seq_len", seq_len)
+        self.seq_len = check_int(seq_len, ("seq_len",), "seq_len", high=MAX_SIZE)
         self.val_fraction = check_fraction("val_fraction", val_fraction)
         self.path = check_path("path", path, "text data path")
         fmt = self._resolve_format(fmt)
@@ -143,7 +144,7 @@ class TextTask(Task):
         self, split: str, batch_size: int, generator: torch.Generator, step: int = 0
     ) -> tuple[Tensor, Tensor]:
         check_split(split)
-        batch_size = check_int("batch_size", batch_size)
+        batch_size = check_int(batch_size, ("batch_size",), "batch_size", high=MAX_SIZE)
         data = self.train_data if split == "train" else self.val_data
         T = self.seq_len
         starts = torch.randint(0, len(data) - T, (batch_size,), generator=generator)

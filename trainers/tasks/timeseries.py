@@ -45,6 +45,7 @@ from torch import Tensor
 from mlbtc_search.errors import SpecError
 
 from .base import (
+    MAX_SIZE,
     Adapter,
     Task,
     check_fraction,
@@ -73,8 +74,8 @@ class TimeseriesTask(Task):
         columns: Sequence[str] | None = None,
         val_fraction: float = 0.2,
     ) -> None:
-        self.lookback = check_int("lookback", lookback)
-        self.horizon = check_int("horizon", horizon)
+        self.lookback = check_int(lookback, ("lookback",), "lookback", high=MAX_SIZE)
+        self.horizon = check_int(horizon, ("horizon",), "horizon", high=MAX_SIZE)
         self.val_fraction = check_fraction("val_fraction", val_fraction)
         wanted = _check_columns(columns)
         self.path = check_path("path", path, "CSV file")
@@ -117,7 +118,7 @@ class TimeseriesTask(Task):
         self, split: str, batch_size: int, generator: torch.Generator, step: int = 0
     ) -> tuple[Tensor, Tensor]:
         check_split(split)
-        batch_size = check_int("batch_size", batch_size)
+        batch_size = check_int(batch_size, ("batch_size",), "batch_size", high=MAX_SIZE)
         data = self.train_data if split == "train" else self.val_data
         N, C = data.shape
         L, T = self.lookback, self.lookback + self.horizon
