@@ -1,4 +1,4 @@
-"""Checks on user input shared by every layer: integers, files we read, paths we create, ports.
+"""Checks on user input shared by every layer: integers, files we read, paths we create.
 
 Each check either returns the value (normalized) or raises one :class:`SpecError` /
 :class:`UsageError` whose message fits on one line and says what would be valid. None of them
@@ -102,19 +102,5 @@ def check_creatable(path: str | os.PathLike[str], flag: str) -> Path:
     return p
 
 
-def check_port(text: str) -> int:
-    """A TCP port 1-65535 (an argparse ``type``: errors are one line and exit 2)."""
-    import argparse
-
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"port must be an integer 1-65535, got {text!r}"
-                                         ) from None
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"port must be an integer 1-65535, got {port}")
-    return port
-
-
-__all__ = ["MAX_TEXT_BYTES", "check_creatable", "check_int", "check_new_dir", "check_port",
-           "decode_text", "read_text"]
+__all__ = ["MAX_TEXT_BYTES", "check_creatable", "check_int", "check_new_dir", "decode_text",
+           "read_text"]
