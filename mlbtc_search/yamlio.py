@@ -97,6 +97,20 @@ def _walk(node: yaml.Node, path: tuple[PathPart, ...], lines: dict, filename: st
             _walk(item, path + (i,), lines, filename, budget)
 
 
+def _check_depth(text: str, filename: str) -> None:
+    """Refuse nesting deeper than ``MAX_DEPTH`` from the event stream (the parser is iterative;
+    the composer recurses, and unwinding a RecursionError from it takes about a second)."""
+    depth = 0
+    for event in yaml.parse(text, Loader=_Loader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise SpecError(f"the document nests more than {MAX_DEPTH} levels deep",
+                                source=f"{filename}:{event.start_mark.line + 1}")
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+
+
 def parse_yaml(text: str, filename: str = "<string>") -> Located:
     """Parse YAML text safely (no tags, no code) and record the line of every field.
 
@@ -108,6 +122,7 @@ def parse_yaml(text: str, filename: str = "<string>") -> Located:
                         f"most {MAX_TEXT_BYTES:,}", source=filename)
     loader = _Loader(text)
     try:
+        _check_depth(text, filename)
         node = loader.get_single_node()
         lines: dict[tuple[PathPart, ...], int] = {}
         if node is not None:

@@ -32,6 +32,7 @@ import sqlalchemy
 from optuna.artifacts import FileSystemArtifactStore
 from optuna.storages import RDBStorage
 
+from mlbtc_search.checks import check_creatable
 from mlbtc_search.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,8 @@ def open_storage(url: str | None = None, create: bool = True) -> RDBStorage:
             raise UsageError(f"no study database at {db_file} (storage {url}); give an existing "
                              "file with --storage or set MLBTC_STORAGE")
         if create:
+            if not db_file.exists():
+                check_creatable(db_file, "storage file")
             db_file.parent.mkdir(parents=True, exist_ok=True)
         engine_kwargs["connect_args"] = {"timeout": SQLITE_TIMEOUT_S}
     elif url.startswith(("postgresql", "mysql")):

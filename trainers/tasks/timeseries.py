@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mlbtc_search.checks import read_text
 from mlbtc_search.errors import SpecError
 
 from .base import (
@@ -56,6 +58,7 @@ from .base import (
 )
 
 SYNTHETIC_STEPS = 17420
+MAX_CSV_BYTES = 1 << 30  # ETTh1 is 2.6 MB; the whole file is read into memory
 SYNTHETIC_CHANNELS = 7
 
 
@@ -185,10 +188,15 @@ def _select(
 def load_csv(path: Path, wanted: tuple[str, ...] | None = None) -> tuple[np.ndarray, list[str]]:
     """The numeric columns of an ETT-style CSV as float64 ``(rows, columns)`` and their names."""
     where = f"CSV {str(path)!r}"
-    with path.open(newline="", encoding="utf-8") as file:
-        reader = csv.reader(file)
+    text = read_text(path, "CSV file", max_bytes=MAX_CSV_BYTES)  # binary/non-UTF-8: one line
+    try:
+        reader = csv.reader(io.StringIO(text, newline=""))
         header = [h.strip() for h in next(reader, [])]
         rows = [row for row in reader if row]
+    except csv.Error as exc:
+        raise SpecError(
+            f"{where} is not a readable CSV file (line {reader.line_num}: {exc})", path=("path",)
+        ) from None
     if not header:
         raise SpecError(
             f"{where} is empty; it needs a header row (date, then numeric columns)", path=("path",)
