@@ -17,9 +17,13 @@ Exit codes: 0 trained, 1 training failed (status ``nan`` or ``diverged``, see ``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +140,28 @@ def summary(result: TrainResult, out: Path | None) -> dict[str, Any]:
     return line
 
 
+@contextlib.contextmanager
+def _answer_ctrl_c() -> Iterator[None]:
+    """The first Ctrl-C says at once what happens (the run stops after the current step and
+    evaluates the model once); a second one skips that evaluation."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def first(signum: int, frame: Any) -> None:
+        sys.stderr.write("interrupted: stopping, then evaluating once (Ctrl-C again to skip "
+                         "the evaluation)\n")
+        sys.stderr.flush()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, first)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def train(args: argparse.Namespace) -> int:
     """``mlbtc train``: see the module doc."""
     doc = load_yaml(args.model)
@@ -165,8 +191,9 @@ def train(args: argparse.Namespace) -> int:
         sys.stderr.flush()
 
     try:
-        result = train_model(spec, task, args.budget, seed=args.seed, config=config,
-                             progress=None if args.quiet else show)
+        with _answer_ctrl_c():
+            result = train_model(spec, task, args.budget, seed=args.seed, config=config,
+                                 progress=None if args.quiet else show)
     except SpecError as err:
         raise (doc.locate(err) if err.source is None else err) from None
     if out is not None:
