@@ -22,6 +22,7 @@ from typing import Any
 
 from optuna.trial import TrialState
 
+from mlbtc_search.yamlio import json_safe  # noqa: F401 (re-exported for app and export)
 from studies import pareto as _pareto
 
 NA = "n/a"
@@ -62,17 +63,6 @@ def fmt_si(value: Any, unit: str = "") -> str:
 
 def fmt_time(value: dt.datetime | None) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%S") if value is not None else NA
-
-
-def json_safe(value: Any) -> Any:
-    """Recursively replace NaN/inf by None so ``json.dumps(..., allow_nan=False)`` works."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
-    return value
 
 
 # ---- Pareto front and hypervolume --------------------------------------------------------------

@@ -15,14 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .checks import check_int as _int
 from .errors import SpecError
 from .matrix import MatrixSpec
-
-
-def _int(value: Any, path: tuple, name: str, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise SpecError(f"{name} must be an integer >= {low}, got {value!r}", path)
-    return value
 
 
 def _keys(d: Any, allowed: set[str], path: tuple, what: str) -> dict:

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from . import kv_cache
 from .attention import Attention
 from .attention_spec import AttentionSpec
+from .checks import check_int as _int
 from .errors import SpecError
 from .linear import StructuredLinear
 from .matrix import MatrixSpec
@@ -213,12 +214,6 @@ class ModelSpec:
                        base, rms_cap, _freeze(task) if task is not None else None)
         except SpecError as err:
             raise err.prefixed(path) from None
-
-
-def _int(value: Any, path: tuple, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise SpecError(f"{name} must be an integer >= 1, got {value!r}", path)
-    return value
 
 
 def _freeze(value: Any) -> Any:

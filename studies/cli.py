@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from typing import Any
+
+from mlbtc_search.yamlio import json_safe
 
 from .progress import format_table
 
@@ -19,18 +20,7 @@ EXIT_INTERRUPTED = 130
 
 
 def _write_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(_finite(obj), allow_nan=False, default=str) + "\n")
-
-
-def _finite(value: Any) -> Any:
-    """JSON has no NaN or infinity: they become null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
+    sys.stdout.write(json.dumps(json_safe(obj), allow_nan=False, default=str) + "\n")
 
 
 def search(args: argparse.Namespace) -> int:

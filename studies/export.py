@@ -36,7 +36,7 @@ from optuna.trial import FrozenTrial, TrialState
 from mlbtc_search.errors import MlbtcError, SpecError, UsageError
 from mlbtc_search.load import ARCHITECTURE, WEIGHTS, check_state_dict
 from mlbtc_search.model import ModelSpec, build_model
-from mlbtc_search.yamlio import dump_yaml
+from mlbtc_search.yamlio import dump_yaml, json_safe
 
 FORMATS = ("safetensors", "exported-program", "onnx")
 _BOUND = re.compile(r"^\s*(flops|params)\s*(<=|<)\s*([0-9][0-9_]*(?:\.[0-9_]*)?(?:e[+-]?[0-9]+)?)"
@@ -289,14 +289,15 @@ def _metrics(study: optuna.Study, t: FrozenTrial, spec: ModelSpec, info: dict) -
     code_version = ua.get("code_version", info.get("code_version"))
     out = {
         "study": study.study_name, "trial": t.number,
-        "val_loss": _finite(ua.get("val_loss", t.values[0])), "metric": _finite(ua.get("metric")),
+        "val_loss": json_safe(ua.get("val_loss", t.values[0])),
+        "metric": json_safe(ua.get("metric")),
         "metric_name": ua.get("metric_name"),
-        "flops_per_token": _finite(ua.get("flops_per_token", t.values[1])),
+        "flops_per_token": json_safe(ua.get("flops_per_token", t.values[1])),
         "params": ua.get("params"),
-        "kv_cache_bytes_per_token": _finite(ua.get("kv_cache_bytes_per_token")),
-        "budget_flops": _finite(ua.get("budget_flops", info.get("budget_flops"))),
+        "kv_cache_bytes_per_token": json_safe(ua.get("kv_cache_bytes_per_token")),
+        "budget_flops": json_safe(ua.get("budget_flops", info.get("budget_flops"))),
         "seed": ua.get("seed"), "steps": ua.get("steps"),
-        "train_flops": _finite(ua.get("train_flops")),
+        "train_flops": json_safe(ua.get("train_flops")),
         "family": ua.get("family", spec.family), "hash": ua.get("hash", spec.hash()),
         "code_version": code_version,
         "exported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -321,11 +322,6 @@ def evaluation_settings(train: dict[str, Any]) -> dict[str, int]:
     config = TrainConfig(**{k: v for k, v in train.items() if k in names})
     return {"batches": config.eval_batches,
             "batch_size": config.eval_batch_size or config.batch_size, "seed": config.eval_seed}
-
-
-def _finite(v: Any) -> Any:
-    """JSON has no inf/NaN: those become null."""
-    return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
 # ---- extra formats ---------------------------------------------------------------------------
