@@ -10,7 +10,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "SearchSpace": "space", "Candidate": "space", "load_space": "space",
+    "SearchSpace": "space", "PreparedSpace": "space", "Candidate": "space", "load_space": "space",
     "make_sampler": "space",
     "run_search": "runner", "SearchOutcome": "runner",
     "open_storage": "storage", "default_storage_url": "storage", "artifact_store": "storage",

@@ -30,7 +30,7 @@ def search(args: argparse.Namespace) -> int:
     from .space import load_space
 
     overrides = {key: getattr(args, key, None) for key in ("trials", "workers", "storage", "name")}
-    space = load_space(args.space, overrides)  # fully validated before the storage is opened
+    space = load_space(args.space, overrides).prepare()  # checked before the storage opens
     progress = Progress()
     outcome = run_search(space, address=getattr(args, "address", None), progress=progress)
     note = None
