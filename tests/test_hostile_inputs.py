@@ -183,6 +183,26 @@ def test_hostile_text_data(option, tmp_path, capsys):
     assert_usage_error(code, err, "train")
 
 
+@pytest.mark.parametrize("args", [
+    ["--batch-size", "1000000000"],
+    ["--task-option", "n_dims=4", "--task-option", "n_points=100000000"],
+    ["--task-option", "n_dims=10**12"],
+    ["--task-option", "n_dims={a: &a [*a]}"],
+    ["--task-option", "n_dims=[1, 2]"],
+    ["--task", "text", "--task-option", "seq_len=60000"],
+    ["--task", "timeseries", "--task-option", f"path={os.devnull}"],
+    ["--task", "nope"],
+], ids=lambda a: " ".join(a)[:40])
+def test_hostile_train_options_are_refused_before_training(args, tmp_path, capsys):
+    model = tmp_path / "m.yaml"
+    model.write_text(MODEL)
+    start = time.perf_counter()
+    code, out, err = run(["train", str(model), "--budget", "1e30", *args], capsys)
+    assert time.perf_counter() - start < 5.0
+    assert_usage_error(code, err, "train")
+    assert not any(line.startswith("step ") for line in err)
+
+
 # ---- paths we create ---------------------------------------------------------------------------
 def test_train_out_under_a_regular_file(tmp_path, capsys):
     model = tmp_path / "m.yaml"

@@ -49,6 +49,7 @@ DIVERGENCE_FACTOR = 1e4
 PROGRESS_INTERVAL_S = 0.5
 FIXED_MULT = ("read_in.", "pos")  # µP multiplier 1 whatever the shape (small input dims)
 MAX_WARMUP = 1000  # the paper's ICL warmup; shorter runs warm up over 10% of their steps
+MAX_BATCH = 1 << 16  # batch sizes and eval batches: refused before anything is allocated
 CURVE_POINTS = 100  # about this many curve entries per run (plus the eval points)
 
 
@@ -81,10 +82,11 @@ class TrainConfig:
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise SpecError(f"lr must be a positive number, got {self.lr!r}", ("lr",))
         for name in ("batch_size", "eval_batches"):
-            check_int(getattr(self, name), (name,), name)
+            check_int(getattr(self, name), (name,), name, high=MAX_BATCH)
         for name in ("eval_batch_size", "eval_every", "max_steps", "threads"):
             if getattr(self, name) is not None:
-                check_int(getattr(self, name), (name,), name)
+                high = MAX_BATCH if name == "eval_batch_size" else None
+                check_int(getattr(self, name), (name,), name, high=high)
         if self.warmup_steps is not None:
             check_int(self.warmup_steps, ("warmup_steps",), "warmup_steps", 0)
         for name in ("grad_clip", "weight_decay"):
