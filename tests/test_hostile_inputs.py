@@ -248,6 +248,28 @@ def test_read_commands_on_hostile_storage(command, storage, tmp_path, capsys):
     assert sorted(tmp_path.iterdir()) == before
 
 
+def test_export_out_under_a_regular_file_or_not_empty(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "tests" / "studies"))
+    try:
+        from _study_factory import make_study
+    finally:
+        sys.path.remove(str(ROOT / "tests" / "studies"))
+    url = f"sqlite:///{tmp_path}/s.db"
+    make_study(url, tmp_path / "artifacts", models=(0,), failures=False)
+    capsys.readouterr()  # optuna's log line about the new study
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    before = sorted(tmp_path.rglob("*"))
+    for out, what in ((tmp_path / "file" / "o", "file"), (tmp_path / "file", "is a file"),
+                      (tmp_path / "full", "not empty")):
+        code, _, err = run(["export", "tiny", "--trial", "0", "--out", str(out), "--storage",
+                            url], capsys)
+        assert_usage_error(code, err, "export")
+        assert what in err[0] and str(out) in err[0]
+    assert sorted(tmp_path.rglob("*")) == before
+
+
 # ---- flags -------------------------------------------------------------------------------------
 BAD_FLAGS = [
     (["inspect", "x.yaml", "--seq-len"], ["0", "-3", "x", "1.5"]),
