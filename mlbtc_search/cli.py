@@ -99,21 +99,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
                                 parser_class=_Parser)
     command = functools.partial(sub.add_parser, parents=[verbose])
+    for add in (_inspect, _train, _search, _studies, _pareto, _export, _dashboard):
+        add(command)
+    return parser
 
+
+def _inspect(command: Callable[..., argparse.ArgumentParser]) -> None:
     p = command("inspect", help="params, FLOPs, rank and contraction graph of a spec",
-                       description="Inspect a matrix spec (params, FLOPs per vector, numerical "
-                                   "rank, contraction order, graph) or a model spec (per-layer "
-                                   "params, FLOPs per token, KV-cache bytes per token).")
+                description="Inspect a matrix spec (params, FLOPs per vector, numerical "
+                            "rank, contraction order, graph) or a model spec (per-layer "
+                            "params, FLOPs per token, KV-cache bytes per token).")
     p.add_argument("file", help="a matrix or model spec YAML file")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--seq-len", type=_count, help="sequence length for a model's FLOPs "
                                                "(default: the model's max_seq_len)")
     p.set_defaults(run=_lazy("mlbtc_search.inspect:run"))
 
+
+def _train(command: Callable[..., argparse.ArgumentParser]) -> None:
     p = command("train", help="train a model spec under a FLOP budget",
-                       description="Train MODEL.yaml on a task for the number of steps the "
-                                   "budget buys at the model's own cost. The last stdout line "
-                                   "is one JSON object with the results.")
+                description="Train MODEL.yaml on a task for the number of steps the "
+                            "budget buys at the model's own cost. The last stdout line "
+                            "is one JSON object with the results.")
     p.add_argument("model", help="model spec YAML (or an exported architecture.yaml)")
     p.add_argument("--task", help="icl_regression | text | timeseries (default: the "
                                   "task recorded in the file, else icl_regression)")
@@ -132,10 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.set_defaults(run=_lazy("trainers.cli:train"))
 
+
+def _search(command: Callable[..., argparse.ArgumentParser]) -> None:
     p = command("search", help="run (or resume) a search from a search-space YAML",
-                       description="Sample architectures with Optuna, train each under the "
-                                   "fixed budget on Ray workers, record them in the storage. "
-                                   "Running it again resumes the study.")
+                description="Sample architectures with Optuna, train each under the "
+                            "fixed budget on Ray workers, record them in the storage. "
+                            "Running it again resumes the study.")
     p.add_argument("space", help="search-space YAML file")
     p.add_argument("--workers", type=_count, help="parallel trials (default: from the file)")
     p.add_argument("--address", help="join an existing Ray cluster (e.g. 127.0.0.1:6379)")
@@ -144,17 +153,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="study name (default: from the file)")
     p.set_defaults(run=_lazy("studies.cli:search"))
 
+
+def _studies(command: Callable[..., argparse.ArgumentParser]) -> None:
     p = command("studies", help="list the studies in a storage")
     _storage(p)
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     p.set_defaults(run=_lazy("studies.cli:studies"))
 
+
+def _pareto(command: Callable[..., argparse.ArgumentParser]) -> None:
     p = command("pareto", help="the non-dominated trials of a study and its hypervolume")
     p.add_argument("study", help="study name")
     _storage(p)
     p.add_argument("--json", action="store_true", help="print a JSON list of trials")
     p.set_defaults(run=_lazy("studies.cli:pareto"))
 
+
+def _export(command: Callable[..., argparse.ArgumentParser]) -> None:
     p = command("export", help="export a trial's architecture and weights to a directory")
     p.add_argument("study", help="study name")
     _storage(p)
@@ -166,13 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
                    default="safetensors", help="extra model format besides safetensors")
     p.set_defaults(run=_lazy("studies.cli:export"))
 
+
+def _dashboard(command: Callable[..., argparse.ArgumentParser]) -> None:
     p = command("dashboard", help="browse studies and Pareto fronts in the browser")
     _storage(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=_port, default=8050,
                    help="TCP port 1-65535 (default 8050)")
     p.set_defaults(run=_lazy("dashboard.cli:serve"))
-    return parser
 
 
 def print_json(obj: Any) -> None:
