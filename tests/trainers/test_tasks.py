@@ -102,7 +102,7 @@ def test_unknown_option_lists_valid_options() -> None:
 @pytest.mark.parametrize(
     ("name", "options", "match"),
     [
-        ("icl_regression", {"n_dims": 0}, "at n_dims: n_dims must be an integer >= 1 and <= 65536"),
+        ("icl_regression", {"n_dims": 0}, "at n_dims: n_dims must be an integer >= 1 and <= 6"),
         ("icl_regression", {"n_dims": 10**12}, "n_dims must be an integer >= 1 and <= 65536"),
         ("icl_regression", {"n_dims": 2.5}, "n_dims must be an integer"),
         ("icl_regression", {"curriculum": "yes"}, "curriculum must be true or false"),
