@@ -192,7 +192,10 @@ def _dashboard(command: Callable[..., argparse.ArgumentParser]) -> None:
 
 
 def print_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, allow_nan=False, default=str) + "\n")
+    """One line of strict JSON on stdout (NaN and infinities as null)."""
+    from .yamlio import json_safe
+
+    sys.stdout.write(json.dumps(json_safe(obj), allow_nan=False, default=str) + "\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
