@@ -10,9 +10,9 @@ state dict, for status ``ok``), ``cpu_s`` (process CPU seconds of the training: 
 wall time it shows how much of a core the trial got), ``latency_s`` (when the objectives ask for
 it), and where it ran: ``node`` (Ray node id), ``host``, ``pid``.
 
-Test hook: a payload ``hook`` ``{"sleep_s": S, "pid_dir": D}`` (set by the driver from the
-``MLBTC_TEST_TRIAL_HOOK`` environment variable for one trial number) writes ``D/trial-N.pid`` and
-sleeps ``S`` seconds before training, so tests can kill a worker mid-trial.
+The driver names each Ray task ``mlbtc-trial-<number>``; Ray shows that name in its state API
+and as the worker's process title (``ray::mlbtc-trial-3``) while the trial trains, which is how
+an operator (or a test) finds the process of a trial.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import os
 import socket
 import time
 import traceback
-from pathlib import Path
 from typing import Any
 
 LATENCY_REPEATS = 5
@@ -37,21 +36,6 @@ def _where() -> dict[str, Any]:
     except Exception:  # noqa: BLE001 - where we ran is informative only
         pass
     return out
-
-
-def _hook(payload: dict[str, Any]) -> None:
-    hook = payload.get("hook")
-    if not hook:
-        return
-    pid_dir = hook.get("pid_dir")
-    if pid_dir:
-        path = Path(pid_dir) / f"trial-{payload['trial']}.pid"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(str(os.getpid()))
-        tmp.replace(path)
-    deadline = time.monotonic() + float(hook.get("sleep_s", 0))
-    while time.monotonic() < deadline:
-        time.sleep(0.05)
 
 
 def measure_latency(model: Any, task: Any, device: str) -> float:
@@ -82,7 +66,6 @@ def run_trial(payload: dict[str, Any]) -> dict[str, Any]:
         from trainers.train import TrainConfig, train
 
         torch.set_num_threads(int(payload.get("threads") or 1))
-        _hook(payload)
         task = get_task(payload["task"]["name"], **payload["task"].get("options", {}))
         spec = ModelSpec.from_dict(payload["spec"])
         config = TrainConfig(**payload.get("train", {}))

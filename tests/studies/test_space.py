@@ -14,7 +14,6 @@ from studies.space import (
     Candidate,
     PreparedSpace,
     SearchSpace,
-    default_storage,
     load_space,
     make_sampler,
     model_costs,
@@ -301,13 +300,6 @@ def test_precedence_cli_over_file_over_default(tmp_path: Path):
         prepared(path, {"trials": 0})
     with pytest.raises(UsageError, match=r"unknown override 'budget'"):
         prepared(path, {"budget": 1e9})
-
-
-def test_default_storage_is_beside_the_yaml(tmp_path: Path):
-    space = prepared(write(tmp_path))
-    assert default_storage(space) == f"sqlite:///{tmp_path.resolve() / 'tiny.db'}"
-    assert default_storage(prepared(write(tmp_path, storage="sqlite:///x.db"))) == (
-        "sqlite:///x.db")
 
 
 def test_to_dict_round_trips(tiny: PreparedSpace):
