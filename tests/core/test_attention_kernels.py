@@ -9,10 +9,12 @@ import torch.nn.functional as F
 
 from mlbtc_search.attention_kernels import (
     multilevel_attention,
+    multilevel_attention_cost,
     multilevel_attention_flops,
     multilevel_attention_reference,
     plan_regions,
     window_attention,
+    window_attention_cost,
     window_attention_flops,
 )
 from mlbtc_search.errors import SpecError
@@ -232,14 +234,15 @@ def test_window_kv_cache_reproduces_forward():
 )
 def test_flops_equal_counted(widths, block_sizes, T, dv, causal):
     q, k, v = qkv(T, sum(widths), dv, dtype=torch.float32, grad=True)
-    forward = multilevel_attention_flops(T, 3, widths, block_sizes, dv, causal, batch=2)
+    cost = multilevel_attention_cost(T, 3, widths, block_sizes, dv, causal, batch=2)
     assert count_flops(lambda: multilevel_attention(q, k, v, widths, block_sizes, causal)) == (
-        forward
+        cost.forward
     )
+    assert multilevel_attention_flops(T, 3, widths, block_sizes, dv, causal, 2) == cost.forward
     both = count_flops(
         lambda: multilevel_attention(q, k, v, widths, block_sizes, causal).sum().backward()
     )
-    assert both == 3 * forward
+    assert both == cost.total
 
 
 def test_large_block_ratios_run_few_regions():
@@ -249,21 +252,38 @@ def test_large_block_ratios_run_few_regions():
 
 
 def test_mlr_flops_lm_config():
-    """The LM config at T=1024 executes half the (query, key) pairs of dense causal attention,
-    all at head size 64 (prefix features are zero-padded to the value width)."""
+    """The LM config at T=1024 scores a pair whose finest shared block is at level l at width
+    r_0 + ... + r_l, and every pair's value work at the head size 64 (nothing padded). The
+    finest blocks (prefix 64 == head size) run fused and causal: the allowed pairs only."""
     widths, block_sizes = [32, 8, 6, 4, 4, 4, 4, 2], [None, 512, 256, 128, 64, 32, 16, 8]
-    pairs = sum(2**l * (512 // 2**l) ** 2 for l in range(7)) + 1024 * 8  # 2^l blocks at level l
-    assert multilevel_attention_flops(1024, 1, widths, block_sizes, 64) == 4 * pairs * 64
+    prefix = [sum(widths[: l + 1]) for l in range(8)]
+    # level l's 2^l blocks of 1024 / 2^l: the later half's queries against the earlier half's keys
+    pairs = [2**l * (512 // 2**l) ** 2 for l in range(7)] + [128 * 8 * 9 // 2]
+    assert multilevel_attention_flops(1024, 1, widths, block_sizes, 64) == sum(
+        2 * n * (p + 64) for n, p in zip(pairs, prefix, strict=True)
+    )
+    standard = multilevel_attention_cost(1024, 1, [64], [None], 64)
+    assert standard.forward == 2 * (1024 * 1025 // 2) * (64 + 64)  # one fused causal call
+    assert standard.backward == 2 * (1024 * 1025 // 2) * (3 * 64 + 2 * 64)
+
+
+def test_unfused_causal_attention_is_cut_into_rectangles():
+    """q.k width 32 != value width 64: masked rectangles would run whole on the unfused path,
+    so the triangle is cut down to causal blocks of CAUSAL_FINEST_BLOCK (64)."""
+    cost = multilevel_attention_cost(1024, 1, [32], [None], 64)
+    pairs = sum(2**l * (512 // 2**l) ** 2 for l in range(4)) + 1024 * 64
+    assert cost.forward == 2 * pairs * (32 + 64)
 
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("T, window, W, dv", [(24, 6, 5, 5), (23, 5, 4, 7)])
 def test_window_flops_equal_counted(T, window, W, dv, causal):
     q, k, v = qkv(T, W, dv, dtype=torch.float32, grad=True)
-    forward = window_attention_flops(T, 3, W, dv, window, causal, batch=2)
-    assert count_flops(lambda: window_attention(q, k, v, window, causal)) == forward
+    cost = window_attention_cost(T, 3, W, dv, window, causal, batch=2)
+    assert window_attention_flops(T, 3, W, dv, window, causal, batch=2) == cost.forward
+    assert count_flops(lambda: window_attention(q, k, v, window, causal)) == cost.forward
     both = count_flops(lambda: window_attention(q, k, v, window, causal).sum().backward())
-    assert both == 3 * forward
+    assert both == cost.total
 
 
 @pytest.mark.parametrize(
