@@ -13,7 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .attention_kernels import check_levels
+from .attention_plan import kv_floats
+from .attention_regions import check_levels
 from .errors import SpecError
 
 
@@ -92,13 +93,7 @@ def kv_cache_bytes_per_token(
     current block, ``(T - 1) % bs + 1`` of them. For T a multiple of every block size this is the
     bound ``(r_0 T + sum_l r_l bs_l + dv T) / T`` of the reference notes.
     """
-    check_levels(widths, block_sizes)
-    if T <= 0:
-        return 0.0
-    floats = dv * T
-    for w, bs in zip(widths, block_sizes, strict=True):
-        floats += w * (T if bs is None else (T - 1) % bs + 1)
-    return floats * dtype_bytes / T
+    return kv_floats(widths, block_sizes, dv, T) * dtype_bytes / T if T > 0 else 0.0
 
 
 class WindowKVCache:

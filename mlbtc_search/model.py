@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from . import kv_cache
 from .attention import Attention
+from .attention_plan import attention_plan
 from .attention_spec import AttentionSpec
 from .errors import SpecError
 from .linear import StructuredLinear
@@ -382,15 +383,10 @@ def build_model(spec: ModelSpec) -> Transformer:
     return Transformer(spec)
 
 
-# ---- analytic costs -----------------------------------------------------------------------
-def _attention_modules(spec: ModelSpec) -> list[Attention]:
-    # Attention modules are cheap to build at these sizes; build them on the meta device.
-    with torch.device("meta"):
-        return [Attention(a) for a in spec.layers]
-
-
+# ---- analytic costs (pure data: attention_plan, plan) --------------------------------------
 def layer_costs(spec: ModelSpec, seq_len: int | None = None) -> list[dict]:
-    """Params, FLOPs per token and KV-cache bytes per token of each layer at ``seq_len``.
+    """Params, FLOPs per token (forward; ``train_flops_per_token``: forward + backward) and
+    KV-cache bytes per token of each layer at ``seq_len``.
 
     Cached per (spec, length): model_flops, model_params and kv_cache_bytes all read it, and the
     search and the training loop ask for the same specs many times.
@@ -408,32 +404,41 @@ def _layer_costs(spec: ModelSpec, T: int) -> tuple[dict, ...]:
     mlp_f = matrix_flops(spec.mlp_up) + matrix_flops(spec.mlp_down)
     mlp_p = spec.mlp_up.params + spec.mlp_down.params
     out = []
-    for a, mod in zip(spec.layers, _attention_modules(spec), strict=True):
-        attn_p = sum(p.numel() for p in mod.parameters())
+    for a in spec.layers:
+        plan = attention_plan(a)
+        attn_f = plan.flops_per_token(T)
+        attn_train = plan.flops_per_token(T, backward=True)
         out.append({
             "attention": a.kind, "heads": a.heads,
-            "params": attn_p + mlp_p + 2 * spec.width,
-            "attention_params": attn_p, "mlp_params": mlp_p,
-            "flops_per_token": mod.flops_per_token(T) + mlp_f,
-            "attention_flops_per_token": mod.flops_per_token(T),
+            "params": plan.params + mlp_p + 2 * spec.width,
+            "attention_params": plan.params, "mlp_params": mlp_p,
+            "flops_per_token": attn_f + mlp_f,
+            "attention_flops_per_token": attn_f,
             "mlp_flops_per_token": mlp_f,
-            "kv_cache_bytes_per_token": mod.kv_cache_bytes_per_token(T),
+            "train_flops_per_token": attn_train + 3 * mlp_f,
+            "kv_cache_bytes_per_token": plan.kv_cache_bytes_per_token(T),
         })
     return tuple(out)
 
 
-def embedding_flops_per_token(spec: ModelSpec) -> int:
+def embedding_flops_per_token(spec: ModelSpec, backward: bool = False) -> int:
+    """Read-in (none for token embeddings) and read-out FLOPs per token. Backward: the read-out
+    twice (input and weight gradients), a vector read-in once (its input needs no gradient)."""
     a = spec.adapter
     if a is None:
         return 0
     read_in = 0 if a.input_kind == "tokens" else 2 * a.input_dim * spec.width
-    return read_in + 2 * spec.width * a.output_dim
+    read_out = 2 * spec.width * a.output_dim
+    return 2 * read_in + 3 * read_out if backward else read_in + read_out
 
 
-def model_flops(spec: ModelSpec, seq_len: int | None = None, embedding: bool = False) -> float:
-    """Forward FLOPs per token at ``seq_len`` (default max_seq_len); non-embedding by default."""
-    total = sum(c["flops_per_token"] for c in layer_costs(spec, seq_len))
-    return total + (embedding_flops_per_token(spec) if embedding else 0)
+def model_flops(spec: ModelSpec, seq_len: int | None = None, embedding: bool = False,
+                backward: bool = False) -> float:
+    """FLOPs per token at ``seq_len`` (default max_seq_len): forward, or with ``backward`` one
+    training step's forward + backward; non-embedding by default."""
+    key = "train_flops_per_token" if backward else "flops_per_token"
+    total = sum(c[key] for c in layer_costs(spec, seq_len))
+    return total + (embedding_flops_per_token(spec, backward) if embedding else 0)
 
 
 def model_params(spec: ModelSpec, embedding: bool = False) -> int:
