@@ -355,6 +355,7 @@ def window_attention(q: Tensor, k: Tensor, v: Tensor, window: int, causal: bool 
         raise SpecError(f"window must be an int >= 1, got {window!r}", ("window",))
     B, H, T, W = q.shape
     dv = v.shape[-1]
+    window = min(window, T)  # a longer window sees the same keys
     nc, kw = window_geometry(T, window, causal)
     pad_t = nc * window - T
     after = pad_t + (0 if causal else window)

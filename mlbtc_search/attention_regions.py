@@ -258,6 +258,7 @@ def window_attention_cost(
     T: int, heads: int, width: int, dv: int, window: int, causal: bool = True, batch: int = 1
 ) -> KernelCost:
     """FLOPs of ``window_attention`` exactly as ``flopcount.count_flops`` measures them."""
+    window = min(window, T)
     nc, kw = window_geometry(T, window, causal)
     return attend_cost(batch * heads * nc, window, kw, width, dv)
 

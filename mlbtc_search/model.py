@@ -22,8 +22,8 @@ import hashlib
 import json
 import math
 import sys
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import MISSING, dataclass, fields, replace
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -33,12 +33,15 @@ from . import kv_cache
 from .attention import Attention
 from .attention_plan import attention_plan
 from .attention_spec import AttentionSpec
+from .btc import MAX_SIZE
 from .errors import SpecError
 from .linear import StructuredLinear
 from .matrix import MatrixSpec
 from .plan import flops as matrix_flops
 
 INPUT_KINDS = ("vector", "tokens", "series")
+MAX_DEPTH = 1024
+MAX_BUILD_PARAMS = 10**10  # 40 GB of float32 weights: checked before anything is allocated
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,12 @@ class ModelSpec:
     base_width: int = 64
     rms_cap: bool = False
     task: tuple[tuple[str, Any], ...] | None = None  # {name, options} the model was made for
+
+    # defaults of the YAML keys that are not fields (``depth`` and ``mlp_ratio`` shape ``layers``
+    # and the MLP matrices)
+    DEFAULT_DEPTH: ClassVar[int] = 2
+    DEFAULT_MLP_RATIO: ClassVar[int] = 4
+    DEFAULT_MLP: ClassVar[dict] = {"dense": {}}
 
     def __post_init__(self) -> None:
         if len(self.layers) != self.depth:
@@ -165,13 +174,13 @@ class ModelSpec:
             if key not in MODEL_KEYS:
                 raise SpecError(f"unknown key {key!r}; valid keys: {', '.join(MODEL_KEYS)}",
                                 path + (key,))
-        width = _int(d.get("width"), path + ("width",), "width")
-        depth = _int(d.get("depth", 2), path + ("depth",), "depth")
+        width = _int(d.get("width"), path + ("width",), "width", MAX_SIZE)
+        depth = _int(d.get("depth", cls.DEFAULT_DEPTH), path + ("depth",), "depth", MAX_DEPTH)
         T = d.get("max_seq_len", seq_len)
         if T is None:
             raise SpecError("max_seq_len is needed (or train with a task, which sets it)",
                             path + ("max_seq_len",))
-        T = _int(T, path + ("max_seq_len",), "max_seq_len")
+        T = _int(T, path + ("max_seq_len",), "max_seq_len", MAX_SIZE)
         doc_adapter = d.get("adapter")
         if isinstance(adapter, dict):
             adapter = AdapterSpec.from_dict(adapter)
@@ -193,8 +202,9 @@ class ModelSpec:
                                 path + ("layers",))
             layers = tuple(AttentionSpec.from_dict(a, width, T, path + ("layers", i))
                            for i, a in enumerate(raw))
-        ratio = _int(d.get("mlp_ratio", 4), path + ("mlp_ratio",), "mlp_ratio")
-        mlp = d.get("mlp", {"dense": {}})
+        ratio = _int(d.get("mlp_ratio", cls.DEFAULT_MLP_RATIO), path + ("mlp_ratio",),
+                     "mlp_ratio", MAX_SIZE // width)
+        mlp = d.get("mlp", cls.DEFAULT_MLP)
         if isinstance(mlp, str):
             mlp = {mlp: {}}
         if not isinstance(mlp, dict):
@@ -205,21 +215,28 @@ class ModelSpec:
         task = d.get("task")
         if task is not None and not isinstance(task, dict):
             raise SpecError("task must be a mapping {name, options}", path + ("task",))
-        base = _int(d.get("base_width", 64), path + ("base_width",), "base_width")
-        rms_cap = d.get("rms_cap", False)
+        base = _int(d.get("base_width", _DEFAULTS["base_width"]), path + ("base_width",),
+                    "base_width", MAX_SIZE)
+        rms_cap = d.get("rms_cap", _DEFAULTS["rms_cap"])
         if not isinstance(rms_cap, bool):
             raise SpecError("rms_cap must be true or false", path + ("rms_cap",))
         try:
-            return cls(width, depth, layers, up, down, T, ad, d.get("positions", "learned"),
-                       base, rms_cap, _freeze(task) if task is not None else None)
+            return cls(width, depth, layers, up, down, T, ad,
+                       d.get("positions", _DEFAULTS["positions"]), base, rms_cap,
+                       _freeze(task) if task is not None else None)
         except SpecError as err:
             raise err.prefixed(path) from None
 
 
-def _int(value: Any, path: tuple, name: str) -> int:
+def _int(value: Any, path: tuple, name: str, high: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise SpecError(f"{name} must be an integer >= 1, got {value!r}", path)
+    if high is not None and value > high:
+        raise SpecError(f"{name} must be at most {high:,}, got {value}", path)
     return value
+
+
+_DEFAULTS = {f.name: f.default for f in fields(ModelSpec) if f.default is not MISSING}
 
 
 def _freeze(value: Any) -> Any:
@@ -282,6 +299,10 @@ class Transformer(nn.Module):
             raise SpecError("the model has no adapter: build it for a task (ModelSpec."
                             "from_dict(..., adapter=task adapter)) or give adapter in the spec",
                             ("adapter",))
+        n = model_params(spec, embedding=True)
+        if n > MAX_BUILD_PARAMS:
+            raise SpecError(f"the model has {n:,} parameters ({4 * n / 1e9:,.0f} GB in "
+                            f"float32); at most {MAX_BUILD_PARAMS:,} can be built", ("width",))
         self.spec = spec
         a, D = spec.adapter, spec.width
         if a.input_kind == "tokens":
