@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from . import attention_kernels as K
-from .attention_plan import GroupPlan, Side, attention_plan
+from .attention_plan import GroupPlan, Side, attention_plan, score_sides
 from .attention_spec import AttentionSpec
 from .linear import StructuredLinear, contract
 
@@ -96,6 +96,19 @@ class BilinearFeatures(nn.Module):
         return q, k
 
 
+class _Norms(nn.Module):
+    """Bias-free LayerNorms over consecutive feature slices of the given widths."""
+
+    def __init__(self, widths: list[int]):
+        super().__init__()
+        self.widths = widths
+        self.norms = nn.ModuleList(nn.LayerNorm(w, bias=False) for w in widths)
+
+    def forward(self, x: Tensor) -> Tensor:
+        parts = x.split(self.widths, dim=-1)
+        return torch.cat([n(p) for n, p in zip(self.norms, parts, strict=True)], dim=-1)
+
+
 class Attention(nn.Module):
     """Multi-group structured attention: (B, T, D) -> (B, T, D)."""
 
@@ -107,16 +120,21 @@ class Attention(nn.Module):
         self.features = nn.ModuleList(BilinearFeatures(g, rms_cap) for g in self.plan.groups)
         self.q_norm = nn.ModuleList()
         self.k_norm = nn.ModuleList()
-        for f in self.features:
-            w = f.total_width
-            self.q_norm.append(nn.LayerNorm(w, bias=False) if spec.qk_norm else nn.Identity())
-            self.k_norm.append(nn.LayerNorm(w, bias=False) if spec.qk_norm else nn.Identity())
+        per_level = spec.qk_norm_per_level
+        for g in self.plan.groups:
+            # the LayerNorm scopes: the whole head, or (paper) each score part (matrix level)
+            scopes = [w for *_, w in g.sides] if per_level else [g.total_width]
+            for norms in (self.q_norm, self.k_norm):  # one scope: a plain LayerNorm (its names)
+                norm = nn.LayerNorm(scopes[0], bias=False) if len(scopes) == 1 else _Norms(scopes)
+                norms.append(norm if spec.qk_norm else nn.Identity())
         self._scales: list[list[float]] = []  # exact, for any dtype the module moves to
-        for i, (g, f) in enumerate(zip(spec.groups, self.features, strict=True)):
+        for i, g in enumerate(spec.groups):
             scales = []
-            for lv, w in zip(g.levels, f.level_widths, strict=True):
-                s = lv.scale if lv.scale is not None else spec.logit_mult / max(w, 1)
-                scales += [s] * w
+            for lv in g.levels:
+                parts = [w for *_, w in score_sides(lv.score)]
+                for w in parts if per_level else [sum(parts)]:
+                    s = lv.scale if lv.scale is not None else spec.logit_mult / max(w, 1)
+                    scales += [s] * w
             self._scales.append(scales)
             self.register_buffer(f"scale{i}", torch.tensor(scales), persistent=False)
         self.value = StructuredLinear(spec.value, rms_cap=rms_cap)
@@ -159,7 +177,8 @@ class Attention(nn.Module):
             else:
                 sizes = [lv.block_size for lv in group.levels]
                 ys.append(K.multilevel_attention(q, k, v, f.level_widths, sizes,
-                                                 self.spec.causal))
+                                                 self.spec.causal,
+                                                 self.spec.mean_over_shared_levels))
         y = torch.cat(ys, dim=1).transpose(1, 2).reshape(B, T, D)  # (B, T, H * head_dim)
         return self.output(y)
 

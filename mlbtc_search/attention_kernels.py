@@ -71,8 +71,10 @@ def _chunks(x: Tensor, lk: int) -> range:
     return range(0, x.shape[0], max(1, CHUNK_ENTRIES // per))
 
 
-def _scores(q: Tensor, k: Tensor, causal: bool, mask: Tensor | None) -> Tensor:
+def _scores(q: Tensor, k: Tensor, causal: bool, mask: Tensor | None, scale: float) -> Tensor:
     s = q @ k.transpose(-1, -2)  # (n, M, Lq, Lk)
+    if scale != 1.0:
+        s.mul_(scale)
     if mask is not None:
         s.add_(mask)
     if causal:
@@ -83,7 +85,7 @@ def _scores(q: Tensor, k: Tensor, causal: bool, mask: Tensor | None) -> Tensor:
 
 
 def _attend(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool, mask: Tensor | None = None
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, mask: Tensor | None = None, scale: float = 1.0
 ) -> tuple[Tensor, Tensor]:
     """q, k (N, M, Lq|Lk, E), v (N, M, Lk, Ev) -> (out (N, M, Lq, Ev), lse (N, M, Lq)); scale 1.
 
@@ -91,14 +93,14 @@ def _attend(
     around an in-place softmax (no autograd runs inside).
     """
     if _fused(q, v):
-        return _flash_fwd(q, k, v, 0.0, causal, attn_mask=mask, scale=1.0)
+        return _flash_fwd(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
     N, M, Lq, _ = q.shape
     out = q.new_empty(N, M, Lq, v.shape[-1])
     lse = q.new_empty(N, M, Lq)
     step = _chunks(q, k.shape[2]).step
     for i in range(0, N, step):
         c = slice(i, i + step)
-        s = _scores(q[c], k[c], causal, mask)  # (n, M, Lq, Lk)
+        s = _scores(q[c], k[c], causal, mask, scale)  # (n, M, Lq, Lk)
         m = s.amax(-1, keepdim=True).clamp_(min=torch.finfo(s.dtype).min)
         p = s.sub_(m).exp_()
         total = p.sum(-1, keepdim=True)
@@ -110,20 +112,22 @@ def _attend(
 
 def _attend_backward(
     go: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
-    mask: Tensor | None = None,
+    mask: Tensor | None = None, scale: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """dQ, dK, dV of ``_attend`` given the (merged) output and log-sum-exp of the query rows."""
     if _fused(q, v):
-        return _flash_bwd(go, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=1.0)
+        return _flash_bwd(go, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta = (go * out).sum(-1, keepdim=True)  # (N, M, Lq, 1)
     lse = lse.to(q.dtype).unsqueeze(-1)
     step = _chunks(q, k.shape[2]).step
     for i in range(0, q.shape[0], step):
         c = slice(i, i + step)
-        p = _scores(q[c], k[c], causal, mask).sub_(lse[c]).exp_()  # (n, M, Lq, Lk)
+        p = _scores(q[c], k[c], causal, mask, scale).sub_(lse[c]).exp_()  # (n, M, Lq, Lk)
         torch.matmul(p.transpose(-1, -2), go[c], out=dv[c])
         ds = (go[c] @ v[c].transpose(-1, -2)).sub_(delta[c]).mul_(p)  # dS (n, M, Lq, Lk)
+        if scale != 1.0:
+            ds.mul_(scale)
         torch.matmul(ds, k[c], out=dq[c])
         torch.matmul(ds.transpose(-1, -2), q[c], out=dk[c])
     return dq, dk, dv
@@ -198,7 +202,7 @@ class _RegionAttention(torch.autograd.Function):
         out = q.new_empty(B, H, T, dv, dtype=acc)
         lse = q.new_empty(B, H, T, dtype=acc)
         for r in regions:
-            o_r, l_r = _attend(*_operands(q, k, v, r), r.causal)
+            o_r, l_r = _attend(*_operands(q, k, v, r), r.causal, None, r.scale)
             o_r = o_r.reshape(B, H, r.nblk, r.q_len, dv)  # (B, H, nblk, q_len, dv)
             l_r = l_r.reshape(B, H, r.nblk, r.q_len)  # (B, H, nblk, q_len)
             merge_into(_rows(out, r, r.q_off, r.q_len), _rows(lse, r, r.q_off, r.q_len),
@@ -221,7 +225,8 @@ class _RegionAttention(torch.autograd.Function):
             go_r = _take(grad_out, r, r.q_off, r.q_len, dv)
             o_r = _take(out, r, r.q_off, r.q_len, dv)
             l_r = _rows(lse, r, r.q_off, r.q_len).reshape(B, H * r.nblk, r.q_len)
-            dq_r, dk_r, dv_r = _attend_backward(go_r, qr, kr, vr, o_r, l_r, r.causal)
+            dq_r, dk_r, dv_r = _attend_backward(go_r, qr, kr, vr, o_r, l_r, r.causal, None,
+                                                r.scale)
             p = r.prefix
             dq_r = dq_r.reshape(B, H, r.nblk, r.q_len, p)  # (B, H, nblk, q_len, p)
             dk_r = dk_r.reshape(B, H, r.nblk, r.k_len, p)  # (B, H, nblk, k_len, p)
@@ -270,6 +275,7 @@ def multilevel_attention(
     widths: Sequence[int],
     block_sizes: Sequence[int | None],
     causal: bool = True,
+    mean: bool = False,
 ) -> Tensor:
     """Multi-level attention: q, k (B, H, T, W), W = sum(widths), v (B, H, T, Dv) -> (B, H, T, Dv).
 
@@ -285,12 +291,13 @@ def multilevel_attention(
     check_levels(widths, block_sizes)
     _check_qkv(q, k, v, sum(widths))
     T = q.shape[2]
+    mean = mean and sum(w > 0 for w in widths) > 1  # one level: the mean is the sum
     widths, block_sizes = kernel_levels(T, widths, block_sizes, causal, v.shape[-1])
-    if plain_sdpa(T, widths, block_sizes, v.shape[-1]):
+    if not mean and plain_sdpa(T, widths, block_sizes, v.shape[-1]):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=1.0)
     if q.device.type != "cpu":  # the region kernel uses the CPU fused op
-        return multilevel_attention_reference(q, k, v, widths, block_sizes, causal)
-    return _RegionAttention.apply(q, k, v, plan_regions(T, widths, block_sizes, causal))
+        return multilevel_attention_reference(q, k, v, widths, block_sizes, causal, mean)
+    return _RegionAttention.apply(q, k, v, plan_regions(T, widths, block_sizes, causal, mean))
 
 
 def multilevel_attention_reference(
@@ -300,6 +307,7 @@ def multilevel_attention_reference(
     widths: Sequence[int],
     block_sizes: Sequence[int | None],
     causal: bool = True,
+    mean: bool = False,
 ) -> Tensor:
     """The same function through one T x T score buffer: global matmul, ``+=`` on the diagonal
     blocks of each level, mask, softmax, ``@ v``. Simple and slower: for tests, as a fallback."""
@@ -323,6 +331,12 @@ def multilevel_attention_reference(
         if rem:
             tail = slice(nb * b, T)
             scores[:, :, tail, tail] += ql[:, :, tail] @ kl[:, :, tail].transpose(-1, -2)
+    if mean:  # divide by the number of shared levels of nonzero width
+        t = torch.arange(T, device=q.device)
+        shared = sum(((t[:, None] // (T if bs is None else bs)) == (t[None, :] // (
+            T if bs is None else bs))).to(q.dtype) for w, bs in zip(widths, block_sizes,
+                                                                    strict=True) if w > 0)
+        scores = scores / torch.clamp(shared, min=1)
     if causal:
         mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
         scores = scores.masked_fill(~mask, float("-inf"))

@@ -13,13 +13,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .attention_spec import HeadGroup, ScoreLevel, check_int, check_keys
+from .attention_spec import OPTION_KEYS, HeadGroup, ScoreLevel, check_int, check_keys
 from .errors import SpecError
 from .matrix import MatrixSpec
 
 Expand = Callable[[dict, int, "int | None", tuple], tuple[HeadGroup, ...]]
 
-COMMON_KEYS = ("kind", "heads", "value", "output", "qk_norm", "causal", "logit_mult")
+COMMON_KEYS = ("kind", "heads", "value", "output", "qk_norm", "causal", "logit_mult",
+               *OPTION_KEYS)
 
 
 @dataclass(frozen=True)

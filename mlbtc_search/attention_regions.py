@@ -72,6 +72,7 @@ class Region:
     k_len: int
     prefix: int
     causal: bool
+    scale: float = 1.0  # multiplies the scores (``shared_level_scales``)
 
     @property
     def diagonal(self) -> bool:
@@ -80,22 +81,23 @@ class Region:
 
 
 def _block_regions(
-    base: int, n: int, nblk: int, sub: int | None, prefix: int, causal: bool
+    base: int, n: int, nblk: int, sub: int | None, prefix: int, causal: bool, scale: float
 ) -> list[Region]:
     """Regions of ``nblk`` blocks of length ``n`` for one level: pairs in different sub-blocks of
     size ``sub`` (``None``: the deepest level, so all in-block pairs)."""
     if nblk == 0 or n == 0:
         return []
     if sub is None:
-        return [Region(base, n, nblk, 0, n, 0, n, prefix, causal)]
+        return [Region(base, n, nblk, 0, n, 0, n, prefix, causal, scale)]
     out = []
     for start in range(0, n, sub):
         rows = min(sub, n - start)
         if start > 0:  # keys of the earlier sub-blocks
-            out.append(Region(base, n, nblk, start, rows, 0, start, prefix, False))
+            out.append(Region(base, n, nblk, start, rows, 0, start, prefix, False, scale))
         if not causal and start + rows < n:  # keys of the later sub-blocks
             out.append(
-                Region(base, n, nblk, start, rows, start + rows, n - start - rows, prefix, False)
+                Region(base, n, nblk, start, rows, start + rows, n - start - rows, prefix, False,
+                       scale)
             )
     return out
 
@@ -122,8 +124,21 @@ def _chain(b: int, sub: int, T: int) -> list[int]:
     return chain
 
 
+def shared_level_scales(widths: Sequence[int]) -> list[float]:
+    """For ``mean_over_shared_levels``: 1 / (levels of nonzero width among 0..l), per level l.
+
+    A pair whose finest shared block is at level l scores the mean, not the sum, of the shared
+    levels' dot products (the paper's "divide by the number of shared levels")."""
+    out, n = [], 0
+    for w in widths:
+        n += w > 0
+        out.append(1.0 / max(n, 1))
+    return out
+
+
 def plan_regions(
-    T: int, widths: Sequence[int], block_sizes: Sequence[int | None], causal: bool = True
+    T: int, widths: Sequence[int], block_sizes: Sequence[int | None], causal: bool = True,
+    mean: bool = False,
 ) -> tuple[Region, ...]:
     """The rectangles that ``multilevel_attention`` runs for sequence length ``T``, deepest first.
 
@@ -135,23 +150,25 @@ def plan_regions(
     check_levels(widths, block_sizes)
     given = [T if bs is None else min(bs, T) for bs in block_sizes]
     prefixes = [sum(widths[: l + 1]) for l in range(len(widths))]
+    scales = shared_level_scales(widths) if mean else [1.0] * len(widths)
     if given[0] < T:
-        given, prefixes = [T, *given], [0, *prefixes]
-    sizes, prefix = [given[0]], [prefixes[0]]
+        given, prefixes, scales = [T, *given], [0, *prefixes], [1.0, *scales]
+    sizes, prefix, scale = [given[0]], [prefixes[0]], [scales[0]]
     for l in range(1, len(given)):
         if given[l] < sizes[-1]:
             virtual = _chain(sizes[-1], given[l], T)
             sizes += [*virtual, given[l]]
             prefix += [prefix[-1]] * len(virtual) + [prefixes[l]]
+            scale += [scale[-1]] * len(virtual) + [scales[l]]
         else:  # same blocks as the level above: its features join the same region
-            prefix[-1] = prefixes[l]
+            prefix[-1], scale[-1] = prefixes[l], scales[l]
     regions: list[Region] = []
     for l in reversed(range(len(sizes))):
         b = sizes[l]
         sub = sizes[l + 1] if l + 1 < len(sizes) else None
         nb, rem = divmod(T, b)
-        regions += _block_regions(0, b, nb, sub, prefix[l], causal)
-        regions += _block_regions(nb * b, rem, 1, sub, prefix[l], causal)
+        regions += _block_regions(0, b, nb, sub, prefix[l], causal, scale[l])
+        regions += _block_regions(nb * b, rem, 1, sub, prefix[l], causal, scale[l])
     return tuple(regions)
 
 
@@ -275,6 +292,7 @@ __all__ = [
     "multilevel_attention_cost",
     "plan_regions",
     "plain_sdpa",
+    "shared_level_scales",
     "window_attention_cost",
     "window_geometry",
 ]

@@ -67,6 +67,9 @@ class HeadGroup:
         return d
 
 
+OPTION_KEYS = ("qk_norm_per_level", "mean_over_shared_levels")
+
+
 @dataclass(frozen=True)
 class AttentionSpec:
     width: int
@@ -77,6 +80,11 @@ class AttentionSpec:
     causal: bool = True
     logit_mult: float = 8.0
     kind: str = "general"
+    # paper-faithful options (docs/models.md section 2.5): one QK-LayerNorm and logit scale per
+    # score part (matrix level) instead of per head; MLR over the sequence averaging the shared
+    # levels' scores instead of summing them
+    qk_norm_per_level: bool = False
+    mean_over_shared_levels: bool = False
 
     def __post_init__(self) -> None:
         D = self.width
@@ -122,10 +130,14 @@ class AttentionSpec:
         return self.width // self.heads
 
     def to_dict(self) -> dict:
-        return {"kind": "general", "family": self.kind,
-                "groups": [g.to_dict() for g in self.groups],
-                "value": self.value.to_dict(), "output": self.output.to_dict(),
-                "qk_norm": self.qk_norm, "causal": self.causal, "logit_mult": self.logit_mult}
+        d = {"kind": "general", "family": self.kind,
+             "groups": [g.to_dict() for g in self.groups],
+             "value": self.value.to_dict(), "output": self.output.to_dict(),
+             "qk_norm": self.qk_norm, "causal": self.causal, "logit_mult": self.logit_mult}
+        for key in OPTION_KEYS:  # written only when on: specs without them keep their hash
+            if getattr(self, key):
+                d[key] = True
+        return d
 
     @classmethod
     def from_dict(cls, d: Any, width: int, seq_len: int | None, path: tuple = ()) -> AttentionSpec:
@@ -146,8 +158,9 @@ class AttentionSpec:
         common = {
             "qk_norm": d.get("qk_norm", True), "causal": d.get("causal", True),
             "logit_mult": d.get("logit_mult", 8.0),
+            **{key: d.get(key, False) for key in OPTION_KEYS},
         }
-        for key in ("qk_norm", "causal"):
+        for key in ("qk_norm", "causal", *OPTION_KEYS):
             if not isinstance(common[key], bool):
                 raise SpecError(f"{key} must be true or false", path + (key,))
         if isinstance(common["logit_mult"], bool) or not isinstance(

@@ -37,8 +37,10 @@ class MultilevelKVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         max_len: int = 2048,
+        mean: bool = False,
     ) -> None:
         check_levels(widths, block_sizes)
+        self.mean = mean  # mean_over_shared_levels: divide by the shared levels of width > 0
         self.widths, self.block_sizes = tuple(widths), tuple(block_sizes)
         self.starts = [sum(widths[:l]) for l in range(len(widths))]
         self.max_len, self.length = max_len, 0
@@ -57,6 +59,7 @@ class MultilevelKVCache:
         B, H = q_t.shape[:2]
         self.values[:, :, t] = v_t[:, :, 0]
         scores = q_t.new_zeros(B, H, 1, t + 1)  # (B, H, 1, t + 1)
+        shared = q_t.new_zeros(t + 1)  # levels each key shares with position t
         for l, (w, bs) in enumerate(zip(self.widths, self.block_sizes, strict=True)):
             if w == 0:
                 continue
@@ -65,6 +68,9 @@ class MultilevelKVCache:
             self.keys[l][:, :, t - start] = k_t[:, :, 0, feats]  # overwrites the previous block
             held = self.keys[l][:, :, : t - start + 1]  # (B, H, t - start + 1, w)
             scores[..., start:] += q_t[..., feats] @ held.transpose(-1, -2)
+            shared[start:] += 1
+        if self.mean:
+            scores = scores / shared.clamp(min=1)
         self.length = t + 1
         return torch.softmax(scores, dim=-1) @ self.values[:, :, : t + 1]
 

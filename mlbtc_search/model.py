@@ -352,7 +352,8 @@ class Transformer(nn.Module):
                 else:
                     layer.append(kv_cache.MultilevelKVCache(
                         f.level_widths, [lv.block_size for lv in g.levels], batch, f.heads,
-                        attn.head_dim, p.dtype, p.device, max_len))
+                        attn.head_dim, p.dtype, p.device, max_len,
+                        attn.spec.mean_over_shared_levels))
             caches.append(layer)
         return caches
 

@@ -134,6 +134,53 @@ def test_unfused_path_in_chunks_matches_dense(monkeypatch):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
 
 
+def dense_mean(q, k, v, widths, block_sizes, causal):
+    """The paper's option: each pair's score is the mean over the levels (of nonzero width)
+    whose blocks it shares."""
+    T = q.shape[2]
+    t = torch.arange(T)
+    scores = torch.zeros(*q.shape[:2], T, T, dtype=q.dtype)
+    shared = torch.zeros(T, T, dtype=q.dtype)
+    start = 0
+    for w, bs in zip(widths, block_sizes, strict=True):
+        b = T if bs is None else bs
+        same = (t[:, None] // b == t[None, :] // b).to(q.dtype)
+        scores = scores + (q[..., start : start + w] @ k[..., start : start + w].mT) * same
+        shared = shared + same * (w > 0)
+        start += w
+    scores = scores / shared.clamp(min=1)
+    if causal:
+        scores = scores.masked_fill(t[None, :] > t[:, None], float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("widths, block_sizes, T, dv",
+                         [CONFIGS[0], CONFIGS[2], CONFIGS[3], CONFIGS[7], CONFIGS[9],
+                          ((8, 4, 4), (None, 64, 16), 100, 16)])
+def test_mean_over_shared_levels(widths, block_sizes, T, dv, causal):
+    q, k, v = qkv(T, sum(widths), dv, grad=True)
+    ref = dense_mean(q, k, v, widths, block_sizes, causal)
+    for fn in (multilevel_attention, multilevel_attention_reference):
+        out = fn(q, k, v, widths, block_sizes, causal, True)
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+        g = torch.randn_like(out)
+        for got, want in zip(torch.autograd.grad(out, (q, k, v), g),
+                             torch.autograd.grad(ref, (q, k, v), g, retain_graph=True),
+                             strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+    if causal:
+        cache = MultilevelKVCache(widths, block_sizes, 2, 3, dv, torch.float64, max_len=T,
+                                  mean=True)
+        torch.testing.assert_close(decode(cache, q.detach(), k.detach(), v.detach()),
+                                   ref.detach(), rtol=1e-10, atol=1e-12)
+    # the division is elementwise: the same FLOPs as the sum
+    q32, k32, v32 = (x.detach().float() for x in (q, k, v))
+    cost = multilevel_attention_cost(T, 3, widths, block_sizes, dv, causal, batch=2)
+    assert count_flops(lambda: multilevel_attention(q32, k32, v32, widths, block_sizes, causal,
+                                                    True)) == cost.forward
+
+
 def test_zero_width_level_contributes_nothing():
     q, k, v = qkv(24, 6, 5)
     with_zero = multilevel_attention(q, k, v, [4, 0, 2], [None, 12, 6])
