@@ -283,10 +283,10 @@ def multilevel_attention(
     ``block_sizes[l]`` (None: one global block); levels are nested. Scales are folded into q.
     T need not be a multiple of the block sizes (the last block is partial); a width may be 0.
 
-    Plain attention (all levels global, W == Dv, and non-causal or T <= CAUSAL_FINEST_BLOCK) is
-    one fused ``F.scaled_dot_product_attention`` call. Everything else runs the region kernel on
-    CPU and the one-buffer reference on other devices. ``multilevel_attention_cost`` gives the
-    exact FLOPs of the CPU kernels.
+    Plain attention (all levels global, W == Dv) is one fused ``F.scaled_dot_product_attention``
+    call. Everything else runs the region kernel, on any device (off CPU every rectangle takes
+    the unfused path: no T x T buffer, but no fused GPU kernel yet). ``multilevel_attention_cost``
+    gives the exact FLOPs of the CPU kernels.
     """
     check_levels(widths, block_sizes)
     _check_qkv(q, k, v, sum(widths))
@@ -295,8 +295,6 @@ def multilevel_attention(
     widths, block_sizes = kernel_levels(T, widths, block_sizes, causal, v.shape[-1])
     if not mean and plain_sdpa(T, widths, block_sizes, v.shape[-1]):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=1.0)
-    if q.device.type != "cpu":  # the region kernel uses the CPU fused op
-        return multilevel_attention_reference(q, k, v, widths, block_sizes, causal, mean)
     return _RegionAttention.apply(q, k, v, plan_regions(T, widths, block_sizes, causal, mean))
 
 

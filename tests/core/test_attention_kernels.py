@@ -377,8 +377,8 @@ def test_width_mismatch_raises():
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [True, False])
 def test_cuda_fallbacks_match_cpu_kernels(causal):
-    """Off CPU, multilevel attention runs the one-buffer path and window attention SDPA with a
-    mask; both must agree with the CPU kernels, gradients included."""
+    """Off CPU, every rectangle of the region kernel and every window chunk takes the unfused
+    path; both must agree with the CPU kernels, gradients included."""
     widths, block_sizes = (4, 3, 2), (None, 8, 4)
     inputs = qkv(13, 9, 6)
     results = []
