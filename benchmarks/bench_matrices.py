@@ -15,6 +15,7 @@ round-robin, so load that drifts during the run hits every row alike.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -151,7 +152,10 @@ def bench(D: int, rows: int, repeats: int, warmup: int, device: str = "cpu") -> 
     dense_rate = 3 * entries[0][2] * rows / medians[0] / 1e9
 
     where = device if device != "cpu" else f"cpu, {torch.get_num_threads()} threads"
-    print(f"\nD = {D}, {rows} rows, fp32, forward+backward, {where}, median of {repeats}")
+    load = os.getloadavg()
+    print(f"\nD = {D}, {rows} rows, fp32, forward+backward, {where}, median of {repeats}, "
+          f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (1/5/15 min, "
+          f"{os.cpu_count()} CPUs)")
     print(f"{'structure':28s} {'MFLOP/row':>10s} {'ms':>9s} {'GFLOP/s':>8s} {'x dense':>8s}")
     for (name, _, f), t in zip(entries, medians, strict=True):
         rate = 3 * f * rows / t / 1e9

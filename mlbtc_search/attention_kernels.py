@@ -16,12 +16,18 @@ Which path runs when, and why:
   fused backward. It needs equal head sizes; padding the narrower side with zeros would be exact
   but would execute (and have to charge) work the structure does not need.
 - unequal widths (MLR's coarse regions at r_0 + ... + r_l < Dv, bilinear BTT at D > D/H, zero
-  widths): two matmuls, a log-sum-exp and an exponential on the rectangle (it exists only for
-  one rectangle at a time, never T x T). The backward recomputes the scores, as flash does.
-  Measured on 2 CPU threads (T=1024, width 512, 8 heads, batch 4, fwd+bwd; numbers in
-  benchmarks/results/attention_modules_loaded.txt): see the benchmark output.
-- ``CAUSAL_FINEST_BLOCK``: causal attention runs as unmasked rectangles plus small causal
-  diagonal blocks, so causal work is charged about T^2/2 for every structure alike.
+  widths): two matmuls around an in-place softmax (max, exp, sum), in chunks of heads whose
+  scores fit in cache (``CHUNK_ENTRIES``); the rectangle exists one chunk at a time, never
+  T x T. The backward recomputes the scores, as flash does. Measured on 2 CPU threads (32 heads
+  of one 512 x 512 rectangle, forward, q.k width 32, values 64): all heads at once 92 ms,
+  one head per chunk 49 ms, fused flash at the padded width 64 34 ms; so the unfused path costs
+  about 1.4x the time of a padded fused call while doing 0.75x its FLOPs. Whole layers:
+  benchmarks/results/bench_attention_modules_loaded.txt (measured on a loaded machine).
+- causal masks: a fused call skips masked tiles and is charged the allowed pairs; the unfused
+  path computes a masked block whole, so its causal blocks are cut down to
+  ``CAUSAL_FINEST_BLOCK`` (64) by virtual halving levels: every structure pays about T^2/2.
+- off CPU every rectangle takes the unfused path (no fused GPU region kernel yet; the costs in
+  ``attention_regions`` are the CPU kernels' exact counts).
 """
 
 from __future__ import annotations
