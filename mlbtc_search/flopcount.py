@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, baddbmm_flop
 
 from .attention_regions import causal_pairs
 
@@ -69,9 +69,14 @@ def _cpu_flash_backward(grad_out, query, key, value, out, logsumexp, dropout_p=0
 
 
 # Ops that torch 2.13 runs but counts as 0; shape-only formulas, as torch's own registry holds.
+def _baddbmm_inplace(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    return baddbmm_flop(self_shape, a_shape, b_shape)
+
+
 CUSTOM_FLOP_FORMULAS: dict[Any, Callable[..., int]] = {
     aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_forward,
     aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_backward,
+    aten.baddbmm_: _baddbmm_inplace,  # torch counts baddbmm but not its in-place form
 }
 
 
