@@ -235,6 +235,22 @@ def test_mlr_caches_fewer_bytes_than_standard():
     assert kv_cache_bytes(window, 32) < kv_cache_bytes(window, 16) < kv_cache_bytes(std)
 
 
+@pytest.mark.parametrize("name", VARIANTS)
+def test_kv_bytes_are_what_the_caches_hold(name):
+    """For every variant and length (partial blocks and windows too), the plan's KV bytes per
+    token times T equal the bytes the decoding caches hold after T steps."""
+    spec = ModelSpec.from_dict(variant_doc(name, TOKENS))
+    model = build_model(spec)
+    B = 2
+    caches = model.init_cache(B)
+    for t in range(T_MAX):
+        model.step(torch.full((B, 1), t % 11), caches, t)
+        T = t + 1
+        if T in (1, 7, 20, T_MAX):
+            held = sum(c.nbytes() for layer in caches for c in layer)
+            assert held == pytest.approx(kv_cache_bytes(spec, T) * T * B, rel=1e-12), T
+
+
 def test_mlr_cache_evicts_fine_level_keys():
     spec = ModelSpec.from_dict(model_doc(ATTENTION["mlr"], TOKENS))
     model = build_model(spec)
