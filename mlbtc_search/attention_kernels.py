@@ -110,8 +110,7 @@ def _attend(
         m = s.amax(-1, keepdim=True).clamp_(min=torch.finfo(s.dtype).min)
         p = s.sub_(m).exp_()
         total = p.sum(-1, keepdim=True)
-        torch.matmul(p, v[c], out=out[c])
-        out[c].div_(total)
+        out[c] = (p @ v[c]).div_(total)  # (no out=: torch.export traces this with grad on)
         lse[c] = (m + total.log()).squeeze(-1)
     return out, lse
 
