@@ -91,8 +91,10 @@ class BilinearFeatures(nn.Module):
         for (q_side, k_side, _), (q_ids, k_ids) in zip(self.sides, self._index, strict=True):
             qs.append(self._side(x2, q_side, q_ids))
             ks.append(self._side(x2, k_side, k_ids))
-        q = torch.cat(qs, dim=-1).view(B, T, self.heads, -1).transpose(1, 2)  # (B, h, T, W)
-        k = torch.cat(ks, dim=-1).view(B, T, self.heads, -1).transpose(1, 2)
+        q, k = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)  # no copy for one
+                for parts in (qs, ks))
+        q = q.view(B, T, self.heads, -1).transpose(1, 2)  # (B, h, T, W)
+        k = k.view(B, T, self.heads, -1).transpose(1, 2)
         return q, k
 
 
