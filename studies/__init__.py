@@ -11,7 +11,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "SearchSpace": "space", "Candidate": "space", "load_space": "space",
+    "SearchSpace": "space", "PreparedSpace": "space", "Candidate": "space", "load_space": "space",
     "make_sampler": "space",
     "run_search": "runner", "SearchOutcome": "runner",
     "TrialRecord": "record", "StudyInfo": "record", "encode_attr": "record",

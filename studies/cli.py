@@ -12,14 +12,14 @@ import json
 import sys
 from typing import Any
 
+from mlbtc_search.yamlio import json_safe
+
 from .progress import format_table
 
 EXIT_INTERRUPTED = 130
 
 
 def _write_json(obj: Any) -> None:
-    from .record import json_safe
-
     sys.stdout.write(json.dumps(json_safe(obj), allow_nan=False, default=str) + "\n")
 
 
@@ -31,7 +31,7 @@ def search(args: argparse.Namespace) -> int:
 
     overrides = {key: getattr(args, key, None)
                  for key in ("trials", "workers", "storage", "name", "budget", "seeds")}
-    space = load_space(args.space, overrides)  # fully validated before the storage is opened
+    space = load_space(args.space, overrides).prepare()  # checked before the storage opens
     progress = Progress()
     outcome = run_search(space, address=getattr(args, "address", None), progress=progress)
     note = None

@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from mlbtc_search.attention_spec import ATTENTION_KINDS, AttentionSpec, HeadGroup
+from mlbtc_search.attention_presets import ATTENTION_PRESETS
+from mlbtc_search.attention_spec import AttentionSpec, HeadGroup
 from mlbtc_search.errors import SpecError
 from mlbtc_search.matrix import Level, MatrixSpec
 from mlbtc_search.model import ModelSpec, layer_costs
@@ -149,12 +150,12 @@ _KIND_OF_LABEL = {"standard": "standard", "mlr": "mlr", "sliding_window": "slidi
 
 
 def attention_family(attn: dict | AttentionSpec, width: int, seq_len: int) -> str:
-    """The attention kind (one of ``ATTENTION_KINDS``) a structure falls in, else general."""
+    """The attention kind (an ``ATTENTION_PRESETS`` name) a structure falls in, else general."""
     if isinstance(attn, dict):
         attn = AttentionSpec.from_dict({k: v for k, v in attn.items() if k != "family"},
                                        width, seq_len)
     kind = _KIND_OF_LABEL.get(structure_label(attn), "general")
-    return kind if kind in ATTENTION_KINDS else "general"
+    return kind if kind in ATTENTION_PRESETS else "general"
 
 
 def group_descriptor(group: HeadGroup, width: int, seq_len: int) -> dict:

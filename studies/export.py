@@ -36,6 +36,7 @@ from typing import Any
 
 import optuna
 
+from mlbtc_search.checks import check_new_dir
 from mlbtc_search.errors import MlbtcError, SpecError, UsageError
 from mlbtc_search.load import ARCHITECTURE, WEIGHTS, check_state_dict
 from mlbtc_search.model import ModelSpec, build_model
@@ -241,10 +242,7 @@ def export_trial(study: optuna.Study, trial: TrialRecord | int, out_dir: str | o
 
 
 def _check_target(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file; give a new or empty directory")
-    if out.is_dir() and any(out.iterdir()):
-        raise UsageError(f"--out {out} exists and is not empty; give a new or empty directory")
+    check_new_dir(out, "--out")  # a file, a non-empty directory, a path under a regular file
 
 
 def _make_parents(parent: Path) -> list[Path]:

@@ -42,6 +42,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from mlbtc_search.yamlio import json_safe  # the one implementation, re-exported here
+
 STATES = ("complete", "running", "waiting", "failed", "interrupted", "infeasible", "duplicate",
           "pruned")
 INTERRUPTED_REASON = "interrupted"
@@ -52,17 +54,6 @@ LAZY_ATTRS = ("curve",)
 
 
 # ---- encoding ---------------------------------------------------------------------------------
-def json_safe(value: Any) -> Any:
-    """Recursively: NaN and infinities become None, tuples lists, keys strings."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
-    return value
-
-
 def encode_attr(value: Any) -> Any:
     """The value as it is stored: dicts and lists become compact JSON strings (see module doc).
 

@@ -198,6 +198,7 @@ def run_search(space: SearchSpace, storage_url: str | None = None, address: str 
     already initialised, else started locally (or joined at ``address``) and shut down at the
     end; it is not started at all for a study that already has its trials.
     """
+    space = space.prepare()  # builds the task and dry-runs a parsed space; no-op if prepared
     url = storage_url or storage_url_for(space)
     progress = progress or Progress(enabled=False)
     stop = stop or StopFlag()

@@ -33,6 +33,7 @@ from studies.structures.leaf import is_structure, parse_structure, sample_struct
 MARKERS = ("choice", "int", "float", "fixed")
 MODIFIERS = ("when", "log", "step")
 PER_LAYER = "per_layer"
+MAX_LAYERS = 4096  # per-layer subtrees are built only for depths up to this
 ABSENT: Any = object()  # the value of a leaf whose `when` is false
 _PRIMITIVES = (type(None), bool, int, float, str)
 
@@ -54,12 +55,7 @@ def canonical_json(value: Any) -> str:
 
 
 def _number(value: Any, path: Path, what: str) -> float:
-    """A YAML number, also from text such as ``"3e-4"`` (which YAML 1.1 reads as a string)."""
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            pass
+    """A finite YAML number (``3e-4`` is one: the project's loader reads it as a float)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise SpecError(f"{what} must be a finite number, got {value!r}", path)
     return value
@@ -455,8 +451,8 @@ class Walk:
 
     def _depth(self) -> int:
         depth = self.value(("depth",))
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-            return 0  # the spec check reports the bad depth
+        if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= MAX_LAYERS:
+            return 0  # the spec check reports the bad depth (no 10**9 per-layer subtrees)
         return depth
 
     def value(self, path: Path) -> Any:

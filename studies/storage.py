@@ -37,6 +37,7 @@ import sqlalchemy
 from optuna.artifacts import FileSystemArtifactStore
 from optuna.storages import BaseStorage, RDBStorage
 
+from mlbtc_search.checks import check_creatable
 from mlbtc_search.errors import UsageError
 
 from .record import StudyInfo, TrialRecord, records
@@ -118,6 +119,8 @@ def open_storage(url: str | None = None, create: bool = True) -> RDBStorage:
                              "`mlbtc search` here first, or give --storage URL or set "
                              f"{STORAGE_ENV}")
         if create:
+            if not db_file.exists():
+                check_creatable(db_file, "storage file")
             _make_dir(db_file.parent)
     kwargs = _engine_kwargs(url, db_file)
     for attempt in range(OPEN_ATTEMPTS):

@@ -6,7 +6,9 @@ it), else ``icl_regression``; ``--task-option KEY=VALUE`` values are read as YAM
 file's). Progress goes to stderr, throttled, unless ``--quiet``; the last stdout line is one JSON
 object with the results. ``--out DIR`` (new or empty) receives ``architecture.yaml`` (the spec
 with its adapter and task: ``ModelSpec.from_dict`` of it rebuilds the model),
-``model.safetensors``, ``metrics.json`` and ``curve.csv``.
+``model.safetensors``, ``metrics.json`` and ``curve.csv``; it is checked first and created only
+after the run (a refused budget leaves nothing behind). Without ``--out`` nothing is saved, and the
+last stderr line says so (unless ``--quiet``).
 
 Exit codes: 0 trained, 1 training failed (status ``nan`` or ``diverged``, see ``reason``),
 2 bad input (one stderr line), 130 interrupted (the JSON line still reports what was done).
@@ -15,18 +17,20 @@ Exit codes: 0 trained, 1 training failed (status ``nan`` or ``diverged``, see ``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
-import re
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from mlbtc_search.checks import check_new_dir
 from mlbtc_search.errors import SpecError, UsageError
 from mlbtc_search.model import AdapterSpec, ModelSpec
-from mlbtc_search.yamlio import Located, dump_yaml, load_yaml
+from mlbtc_search.yamlio import Located, dump_yaml, load_yaml, yaml_scalar
 
 from .tasks import Task, get_task
 from .train import TrainConfig, TrainResult
@@ -34,7 +38,6 @@ from .train import train as train_model
 
 DEFAULT_TASK = "icl_regression"
 CURVE_COLUMNS = ("step", "tokens", "flops", "train_loss", "lr", "val_loss", "metric")
-_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
 
@@ -48,13 +51,7 @@ def parse_task_options(pairs: list[str]) -> dict[str, Any]:
         if not sep or not key:
             raise UsageError(f"--task-option must look like KEY=VALUE (e.g. n_dims=16), "
                              f"got {pair!r}")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else raw
-        except yaml.YAMLError:
-            value = raw
-        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
-            value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
-        out[key] = value
+        out[key] = yaml_scalar(raw)
     return out
 
 
@@ -86,20 +83,21 @@ def resolve_task(args: argparse.Namespace, doc: Located) -> Task:
 
 
 def check_out_dir(out: str | None) -> Path | None:
-    """``out`` as a new or empty directory (created now), else a UsageError."""
-    if out is None:
-        return None
-    path = Path(out)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise UsageError(f"--out {out} exists and is not an empty directory; give a new one")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    """``out`` as a new or empty directory we can create (nothing is created yet), else a
+    one-line UsageError."""
+    return None if out is None else check_new_dir(out, "--out")
 
 
 def write_outputs(out: Path, result: TrainResult) -> None:
-    """architecture.yaml, model.safetensors, metrics.json and curve.csv in ``out``."""
+    """architecture.yaml, model.safetensors, metrics.json and curve.csv in ``out`` (created
+    now: only after the run, so a refused budget or a bad spec leaves no directory)."""
     from safetensors.torch import save_file
 
+    check_new_dir(out, "--out")  # still free after the run?
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out {out} cannot be created: {exc.strerror or exc}") from None
     arch = result.spec.to_dict()
     arch["task"] = result.task
     (out / "architecture.yaml").write_text(dump_yaml(arch), encoding="utf-8")
@@ -142,6 +140,28 @@ def summary(result: TrainResult, out: Path | None) -> dict[str, Any]:
     return line
 
 
+@contextlib.contextmanager
+def _answer_ctrl_c() -> Iterator[None]:
+    """The first Ctrl-C says at once what happens (the run stops after the current step and
+    evaluates the model once); a second one skips that evaluation."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def first(signum: int, frame: Any) -> None:
+        sys.stderr.write("interrupted: stopping, then evaluating once (Ctrl-C again to skip "
+                         "the evaluation)\n")
+        sys.stderr.flush()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, first)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def train(args: argparse.Namespace) -> int:
     """``mlbtc train``: see the module doc."""
     doc = load_yaml(args.model)
@@ -171,8 +191,9 @@ def train(args: argparse.Namespace) -> int:
         sys.stderr.flush()
 
     try:
-        result = train_model(spec, task, args.budget, seed=args.seed, config=config,
-                             progress=None if args.quiet else show)
+        with _answer_ctrl_c():
+            result = train_model(spec, task, args.budget, seed=args.seed, config=config,
+                                 progress=None if args.quiet else show)
     except SpecError as err:
         raise (doc.locate(err) if err.source is None else err) from None
     if out is not None:
@@ -182,6 +203,10 @@ def train(args: argparse.Namespace) -> int:
                          f"FLOPs, val_loss {result.val_loss:.4g}, {result.metric_name} "
                          f"{result.metric:.4g}, {result.seconds:.1f}s"
                          + (f" ({result.reason})" if result.reason else "") + "\n")
+        sys.stderr.write(f"saved architecture.yaml, model.safetensors, metrics.json and "
+                         f"curve.csv in {out}\n" if out is not None else
+                         "nothing saved: give --out DIR to keep the architecture, weights and "
+                         "metrics\n")
     sys.stdout.write(json.dumps(summary(result, out), allow_nan=False) + "\n")
     if result.status == "interrupted":
         return EXIT_INTERRUPTED

@@ -35,9 +35,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from mlbtc_search.checks import check_int
 from mlbtc_search.errors import SpecError, TrainingError
 from mlbtc_search.model import AdapterSpec, ModelSpec, build_model, model_flops, model_params
 from mlbtc_search.mup import make_adamw
+from mlbtc_search.yamlio import json_safe
 
 from .schedule import check_schedule, lr_factor
 from .tasks import Task
@@ -47,6 +49,7 @@ DIVERGENCE_FACTOR = 1e4
 PROGRESS_INTERVAL_S = 0.5
 FIXED_MULT = ("read_in.", "pos")  # µP multiplier 1 whatever the shape (small input dims)
 MAX_WARMUP = 1000  # the paper's ICL warmup; shorter runs warm up over 10% of their steps
+MAX_BATCH = 1 << 16  # batch sizes and eval batches: refused before anything is allocated
 CURVE_POINTS = 100  # about this many curve entries per run (plus the eval points)
 
 
@@ -79,21 +82,17 @@ class TrainConfig:
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise SpecError(f"lr must be a positive number, got {self.lr!r}", ("lr",))
         for name in ("batch_size", "eval_batches"):
-            _check_int(name, getattr(self, name), 1)
+            check_int(getattr(self, name), (name,), name, high=MAX_BATCH)
         for name in ("eval_batch_size", "eval_every", "max_steps", "threads"):
             if getattr(self, name) is not None:
-                _check_int(name, getattr(self, name), 1)
+                high = MAX_BATCH if name == "eval_batch_size" else None
+                check_int(getattr(self, name), (name,), name, high=high)
         if self.warmup_steps is not None:
-            _check_int("warmup_steps", self.warmup_steps, 0)
+            check_int(self.warmup_steps, ("warmup_steps",), "warmup_steps", 0)
         for name in ("grad_clip", "weight_decay"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value >= 0):
                 raise SpecError(f"{name} must be a number >= 0, got {value!r}", (name,))
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise SpecError(f"{name} must be an integer >= {minimum}, got {value!r}", (name,))
 
 
 @dataclass(kw_only=True)
@@ -138,7 +137,7 @@ class TrainResult:
             "hash": self.hash, "family": self.family, "task": self.task,
             "spec": self.spec.to_dict(), "config": asdict(self.config), "curve": self.curve,
         }
-        return _json_safe(out)
+        return json_safe(out)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The trained weights: contiguous CPU tensors sharing no memory (safetensors-ready)."""
@@ -146,16 +145,6 @@ class TrainResult:
             raise TrainingError("this result carries no model (it was not trained here)")
         return {k: v.detach().cpu().contiguous().clone() for k, v in
                 self.model.state_dict().items()}
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 # ---- spec, budget and optimizer -----------------------------------------------------------
@@ -248,116 +237,161 @@ def train(
     if not (isinstance(budget_flops, (int, float)) and budget_flops > 0):
         raise TrainingError(f"budget_flops must be a positive number, got {budget_flops!r}")
     spec = resolve_spec(model_spec, task)
-    costs = StepCosts(spec, task, config.batch_size)
-    total, planned_flops = costs.plan(float(budget_flops), config.max_steps)
-    warmup = (min(MAX_WARMUP, total // 10) if config.warmup_steps is None
-              else config.warmup_steps)
-    eval_every = config.eval_every or max(1, total // 10)
-    log_every = max(1, total // CURVE_POINTS)
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
-
-    device = torch.device(config.device)
-    torch.manual_seed(seed)
-    model = build_model(spec).to(device)
-    optimizer = make_optimizer(model, spec, config)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    data = torch.Generator().manual_seed(seed)
-
-    def evaluate() -> dict[str, float]:
-        return task.evaluate(model, batches=config.eval_batches,
-                             batch_size=config.eval_batch_size or config.batch_size,
-                             seed=config.eval_seed)
-
-    status, reason = "ok", None
-    curve: list[dict[str, Any]] = []
-    step = tokens = 0
-    flops = 0.0
-    first_loss: float | None = None
-    window: list[float] = []  # train losses since the last curve entry
-    last_eval: dict[str, float] = {}
-    loop_start = last_report = time.perf_counter()
-
-    def report(loss: float, final: bool = False) -> None:
-        elapsed = time.perf_counter() - loop_start
-        eta = elapsed * (planned_flops - flops) / flops if flops > 0 else None
-        progress({"step": step, "steps": total, "loss": loss, "tokens": tokens,
-                  "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
-                  "eta_s": 0.0 if final else eta, "elapsed_s": elapsed, "flops": flops,
-                  "budget_flops": float(budget_flops), "final": final, **last_eval})
-
-    model.train()
-    try:
-        while step < total:
-            factor = lr_factor(step, total, warmup, config.schedule)
-            for group in optimizer.param_groups:
-                group["lr"] = config.lr * group["lr_mult"] * factor
-            inputs, targets = task.batch("train", config.batch_size, data, step)
-            inputs, targets = inputs.to(device), targets.to(device)
-            loss = task.loss(model(inputs), targets)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                status = "nan"
-                reason = f"the training loss became {value} at step {step + 1} of {total}"
-                break
-            if first_loss is None:
-                first_loss = value
-            if value > DIVERGENCE_FACTOR * max(first_loss, 1e-12):
-                status = "diverged"
-                reason = (f"the training loss {value:.4g} at step {step + 1} of {total} exceeds "
-                          f"{DIVERGENCE_FACTOR:g} x the first step's {first_loss:.4g}")
-                break
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-            optimizer.step()
-
-            T = inputs.shape[1]
-            step, tokens, flops = step + 1, tokens + config.batch_size * T, flops + costs.at_len(T)
-            window.append(value)
-            is_eval = step % eval_every == 0 or step == total
-            if is_eval or step % log_every == 0:
-                entry: dict[str, Any] = {"step": step, "tokens": tokens, "flops": flops,
-                                         "train_loss": sum(window) / len(window),
-                                         "lr": config.lr * factor}
-                window = []
-                if is_eval:
-                    last_eval = evaluate()
-                    entry.update(last_eval)
-                curve.append(entry)
-            if progress is not None and time.perf_counter() - last_report >= PROGRESS_INTERVAL_S:
-                last_report = time.perf_counter()
-                report(value)
-    except KeyboardInterrupt:
-        status = "interrupted"
-        reason = f"interrupted (KeyboardInterrupt) after step {step} of {total}"
-
-    val_loss = metric = math.nan
-    if status in ("ok", "interrupted") and step > 0:
-        if curve and curve[-1]["step"] == step and "val_loss" in curve[-1]:
-            val_loss, metric = curve[-1]["val_loss"], curve[-1]["metric"]
-        else:
-            try:
-                last_eval = evaluate()
-                val_loss, metric = last_eval["val_loss"], last_eval["metric"]
-                curve.append({"step": step, "tokens": tokens, "flops": flops,
-                              "train_loss": sum(window) / len(window) if window else math.nan,
-                              **last_eval})
-            except KeyboardInterrupt:
-                status = "interrupted"
-                reason = f"interrupted (KeyboardInterrupt) after step {step} of {total}"
-        if status == "ok" and not math.isfinite(val_loss):
-            status, reason = "nan", f"the validation loss is {val_loss} after {step} steps"
-    model.eval()
+    run = _Run(spec, task, float(budget_flops), seed, config, progress)
+    run.loop()
+    val_loss, metric = run.final_eval()
+    run.model.eval()
     if progress is not None:
-        report(curve[-1]["train_loss"] if curve else math.nan, final=True)
+        run.report(run.curve[-1]["train_loss"] if run.curve else math.nan, final=True)
     return TrainResult(
-        status=status, reason=reason, val_loss=float(val_loss), metric=float(metric),
+        status=run.status, reason=run.reason, val_loss=float(val_loss), metric=float(metric),
         metric_name=task.metric_name,
         flops_per_token=float(model_flops(spec, task.adapter.seq_len)),
-        params=int(model_params(spec)), steps=step, tokens=tokens, train_flops=flops,
-        budget_flops=float(budget_flops), seconds=time.perf_counter() - start, curve=curve,
-        spec=spec, task={"name": task.name, "options": dict(task.options)}, seed=seed,
-        config=config, model=model,
+        params=int(model_params(spec)), steps=run.step, tokens=run.tokens,
+        train_flops=run.flops, budget_flops=float(budget_flops),
+        seconds=time.perf_counter() - start, curve=run.curve, spec=spec,
+        task={"name": task.name, "options": dict(task.options)}, seed=seed, config=config,
+        model=run.model,
     )
+
+
+class _Run:
+    """The state of one training run: the plan (steps, warmup, eval and log cadence), the model
+    and optimizer, and what the loop has done so far (step, tokens, FLOPs, curve, status)."""
+
+    def __init__(self, spec: ModelSpec, task: Task, budget: float, seed: int,
+                 config: TrainConfig, progress: Callable[[dict[str, Any]], None] | None):
+        self.task, self.budget, self.config, self.progress = task, budget, config, progress
+        self.costs = StepCosts(spec, task, config.batch_size)
+        self.total, self.planned_flops = self.costs.plan(budget, config.max_steps)
+        self.warmup = (min(MAX_WARMUP, self.total // 10) if config.warmup_steps is None
+                       else config.warmup_steps)
+        self.eval_every = config.eval_every or max(1, self.total // 10)
+        self.log_every = max(1, self.total // CURVE_POINTS)
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
+        self.device = torch.device(config.device)
+        torch.manual_seed(seed)
+        self.model = build_model(spec).to(self.device)
+        self.optimizer = make_optimizer(self.model, spec, config)
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.data = torch.Generator().manual_seed(seed)
+        self.status: str = "ok"
+        self.reason: str | None = None
+        self.curve: list[dict[str, Any]] = []
+        self.step = self.tokens = 0
+        self.flops = 0.0
+        self.first_loss: float | None = None
+        self.window: list[float] = []  # train losses since the last curve entry
+        self.last_eval: dict[str, float] = {}
+        self.loop_start = self.last_report = time.perf_counter()
+
+    def evaluate(self) -> dict[str, float]:
+        c = self.config
+        return self.task.evaluate(self.model, batches=c.eval_batches,
+                                  batch_size=c.eval_batch_size or c.batch_size, seed=c.eval_seed)
+
+    def report(self, loss: float, final: bool = False) -> None:
+        if self.progress is None:
+            return
+        elapsed = time.perf_counter() - self.loop_start
+        flops = self.flops
+        eta = elapsed * (self.planned_flops - flops) / flops if flops > 0 else None
+        self.progress({"step": self.step, "steps": self.total, "loss": loss,
+                       "tokens": self.tokens,
+                       "tokens_per_s": self.tokens / elapsed if elapsed > 0 else 0.0,
+                       "eta_s": 0.0 if final else eta, "elapsed_s": elapsed, "flops": flops,
+                       "budget_flops": self.budget, "final": final, **self.last_eval})
+
+    def _interrupted(self) -> None:
+        self.status = "interrupted"
+        self.reason = f"interrupted (KeyboardInterrupt) after step {self.step} of {self.total}"
+
+    def loop(self) -> None:
+        """Take the planned steps; stop early on NaN, divergence or Ctrl-C (status says which)."""
+        self.model.train()
+        try:
+            while self.step < self.total and self._one_step():
+                pass
+        except KeyboardInterrupt:
+            self._interrupted()
+
+    def _one_step(self) -> bool:
+        """One optimizer step (and its curve entry); False when the loss says stop."""
+        c = self.config
+        factor = lr_factor(self.step, self.total, self.warmup, c.schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = c.lr * group["lr_mult"] * factor
+        inputs, targets = self.task.batch("train", c.batch_size, self.data, self.step)
+        inputs, targets = inputs.to(self.device), targets.to(self.device)
+        loss = self.task.loss(self.model(inputs), targets)
+        value = float(loss.detach())
+        if not self._loss_ok(value):
+            return False
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if c.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip)
+        self.optimizer.step()
+        T = inputs.shape[1]
+        self.step += 1
+        self.tokens += c.batch_size * T
+        self.flops += self.costs.at_len(T)
+        self.window.append(value)
+        self._record(c.lr * factor)
+        if (self.progress is not None
+                and time.perf_counter() - self.last_report >= PROGRESS_INTERVAL_S):
+            self.last_report = time.perf_counter()
+            self.report(value)
+        return True
+
+    def _loss_ok(self, value: float) -> bool:
+        where = f"at step {self.step + 1} of {self.total}"
+        if not math.isfinite(value):
+            self.status, self.reason = "nan", f"the training loss became {value} {where}"
+            return False
+        if self.first_loss is None:
+            self.first_loss = value
+        if value > DIVERGENCE_FACTOR * max(self.first_loss, 1e-12):
+            self.status = "diverged"
+            self.reason = (f"the training loss {value:.4g} {where} exceeds "
+                           f"{DIVERGENCE_FACTOR:g} x the first step's {self.first_loss:.4g}")
+            return False
+        return True
+
+    def _record(self, lr: float) -> None:
+        """A curve entry every ``log_every`` steps, with an evaluation every ``eval_every``."""
+        is_eval = self.step % self.eval_every == 0 or self.step == self.total
+        if not (is_eval or self.step % self.log_every == 0):
+            return
+        entry: dict[str, Any] = {"step": self.step, "tokens": self.tokens, "flops": self.flops,
+                                 "train_loss": sum(self.window) / len(self.window), "lr": lr}
+        self.window = []
+        if is_eval:
+            self.last_eval = self.evaluate()
+            entry.update(self.last_eval)
+        self.curve.append(entry)
+
+    def final_eval(self) -> tuple[float, float]:
+        """``(val_loss, metric)`` at the last step (NaN when nothing was trained or it failed);
+        evaluates once more unless the last curve entry already did."""
+        if self.status not in ("ok", "interrupted") or self.step == 0:
+            return math.nan, math.nan
+        val_loss = metric = math.nan
+        last = self.curve[-1] if self.curve else {}
+        if last.get("step") == self.step and "val_loss" in last:
+            val_loss, metric = last["val_loss"], last["metric"]
+        else:
+            try:
+                self.last_eval = self.evaluate()
+                val_loss, metric = self.last_eval["val_loss"], self.last_eval["metric"]
+                w = self.window
+                self.curve.append({"step": self.step, "tokens": self.tokens, "flops": self.flops,
+                                   "train_loss": sum(w) / len(w) if w else math.nan,
+                                   **self.last_eval})
+            except KeyboardInterrupt:
+                self._interrupted()
+        if self.status == "ok" and not math.isfinite(val_loss):
+            self.status = "nan"
+            self.reason = f"the validation loss is {val_loss} after {self.step} steps"
+        return val_loss, metric

@@ -119,6 +119,20 @@ def complete(ts: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTria
 SLOW_EVAL_BATCHES = 400
 
 
+def _children() -> dict[int, list[int]]:
+    """Parent pid -> child pids of every process, from /proc (Linux)."""
+    out: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        out.setdefault(ppid, []).append(int(entry.name))
+    return out
+
+
 def trial_worker_pid(number: int, root_pid: int | None = None) -> int | None:
     """The pid of the Ray worker training trial ``number`` right now, else None.
 
@@ -127,20 +141,18 @@ def trial_worker_pid(number: int, root_pid: int | None = None) -> int | None:
     ``root_pid`` (default: this process, whose Ray started the workers) are considered, so other
     searches on the machine are never touched.
     """
-    import psutil
-
     title = f"ray::mlbtc-trial-{number}"
-    try:
-        children = psutil.Process(root_pid or os.getpid()).children(recursive=True)
-    except psutil.Error:
-        return None
-    for child in children:
+    children = _children()
+    todo = list(children.get(root_pid or os.getpid(), []))
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
         try:
-            cmdline = child.cmdline()
-        except psutil.Error:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+        except (OSError, UnicodeDecodeError):
             continue
-        if cmdline and cmdline[0].strip() == title:
-            return child.pid
+        if cmdline.strip() == title:
+            return pid
     return None
 
 

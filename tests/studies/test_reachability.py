@@ -14,7 +14,7 @@ import optuna
 import pytest
 
 from mlbtc_search.model import ModelSpec
-from studies.space import SearchSpace, load_space
+from studies.space import PreparedSpace, load_space
 
 ROOT = Path(__file__).resolve().parents[2]
 SPACES = {"mlbtc_icl": ("attention", 2), "mlbtc_text": ("layers.0", 1)}  # where, depth
@@ -61,8 +61,8 @@ FAMILIES = {
 
 
 @functools.cache
-def _space(name: str) -> SearchSpace:
-    return load_space(ROOT / "search_spaces" / f"{name}.yaml")
+def _space(name: str) -> PreparedSpace:
+    return load_space(ROOT / "search_spaces" / f"{name}.yaml").prepare()
 
 
 @pytest.mark.filterwarnings("error:The value .* is out of the range:UserWarning")

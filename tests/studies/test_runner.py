@@ -146,7 +146,7 @@ def test_candidates_the_budget_cannot_train_are_infeasible(tmp_path):
     url = f"sqlite:///{tmp_path}/s.db"
     space = load_space(write_space(tmp_path / "s.yaml", constraints={},
                                    baselines=[{"width": 48, "attention.kind": "standard",
-                                               "attention.heads": 2}]), {"storage": url})
+                                               "attention.heads": 2}]), {"storage": url}).prepare()
     storage = open_storage(url)
     opened = open_study(storage, space, url, "test")
     study = opened.study

@@ -12,8 +12,8 @@ from mlbtc_search.errors import SpecError, UsageError
 from mlbtc_search.model import kv_cache_bytes, model_flops, model_params
 from studies.space import (
     Candidate,
+    PreparedSpace,
     SearchSpace,
-    default_storage,
     load_space,
     make_sampler,
     model_costs,
@@ -65,7 +65,12 @@ def line_of(path: Path, prefix: str) -> int:
     return next(i for i, line in enumerate(lines, 1) if line.lstrip().startswith(prefix))
 
 
-def random_candidates(space: SearchSpace, n: int = 20, seed: int = 0
+def prepared(path: Path, overrides: dict | None = None) -> PreparedSpace:
+    """Both steps: parse (pure) then prepare (task, sampler, baselines, dry run)."""
+    return load_space(path, overrides).prepare()
+
+
+def random_candidates(space: PreparedSpace, n: int = 20, seed: int = 0
                       ) -> list[tuple[optuna.trial.Trial, Candidate]]:
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
     out = []
@@ -76,8 +81,8 @@ def random_candidates(space: SearchSpace, n: int = 20, seed: int = 0
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> SearchSpace:
-    return load_space(write(tmp_path_factory.mktemp("tiny")))
+def tiny(tmp_path_factory) -> PreparedSpace:
+    return prepared(write(tmp_path_factory.mktemp("tiny")))
 
 
 # ---- shipped spaces -------------------------------------------------------------------------
@@ -89,7 +94,7 @@ def test_every_shipped_space_is_listed():
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
 def test_shipped_space_loads_and_samples(path: Path):
-    space = load_space(path)
+    space = prepared(path)
     assert space.name == path.stem
     assert space.objectives[:2] == ("val_loss", "flops_per_token")
     candidates = [c for _, c in random_candidates(space)]
@@ -106,7 +111,7 @@ def test_shipped_space_loads_and_samples(path: Path):
 
 
 def test_quickstart_is_small():
-    space = load_space(ROOT / "search_spaces" / "quickstart.yaml")
+    space = prepared(ROOT / "search_spaces" / "quickstart.yaml")
     assert space.task["name"] == "text" and space.trials <= 12 and space.workers == 2
     families = {space.sample(optuna.trial.FixedTrial(space.fixed_params(b))).spec.family
                 for b in space.baselines}
@@ -116,7 +121,7 @@ def test_quickstart_is_small():
 # ---- sampling ---------------------------------------------------------------------------------
 
 
-def test_param_names_are_yaml_paths(tiny: SearchSpace):
+def test_param_names_are_yaml_paths(tiny: PreparedSpace):
     assert tiny.param_names == ["depth", "attention.kind", "attention.heads", "attention.rank",
                                 "attention.ranks", "mlp", "train.lr"]
     for trial, c in random_candidates(tiny):
@@ -127,7 +132,7 @@ def test_param_names_are_yaml_paths(tiny: SearchSpace):
         assert "train" not in c.model and c.model["max_seq_len"] == 16
 
 
-def test_when_false_params_are_not_suggested(tiny: SearchSpace):
+def test_when_false_params_are_not_suggested(tiny: PreparedSpace):
     kinds = set()
     for trial, c in random_candidates(tiny, n=30):
         kind = trial.params["attention.kind"]
@@ -140,7 +145,7 @@ def test_when_false_params_are_not_suggested(tiny: SearchSpace):
 
 
 def test_absolute_when_and_per_layer(tmp_path: Path):
-    space = load_space(write(tmp_path, baselines="[]", space="""
+    space = prepared(write(tmp_path, baselines="[]", space="""
   width: 16
   depth: {int: [1, 3]}
   layers:
@@ -163,21 +168,21 @@ def test_absolute_when_and_per_layer(tmp_path: Path):
     assert seen == {1, 2, 3}
 
 
-def test_replay_with_fixed_trial_gives_the_same_model(tiny: SearchSpace):
+def test_replay_with_fixed_trial_gives_the_same_model(tiny: PreparedSpace):
     for trial, c in random_candidates(tiny):
         again = tiny.sample(optuna.trial.FixedTrial(trial.params))
         assert again.model == c.model and again.train == c.train and again.params == c.params
         assert again.spec.hash() == c.spec.hash()
 
 
-def test_non_primitive_choices_are_canonical_json(tiny: SearchSpace, tmp_path: Path):
+def test_non_primitive_choices_are_canonical_json(tiny: PreparedSpace, tmp_path: Path):
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(10):
         tiny.sample(study.ask())
     dist = study.trials[0].distributions["mlp"]
     assert dist.choices == ('{"dense":{}}', '{"btt":{"rank":1}}')
     # the same space written with dotted keys: same parameters, same distributions, same hash
-    dotted = load_space(write(tmp_path, space="""
+    dotted = prepared(write(tmp_path, space="""
   width: 16
   depth: {int: [1, 2]}
   attention.kind: {choice: [standard, bilinear_btt, mlr]}
@@ -194,7 +199,7 @@ def test_non_primitive_choices_are_canonical_json(tiny: SearchSpace, tmp_path: P
             assert name in c.params
 
 
-def test_baselines_enqueue_and_sample_the_baseline(tiny: SearchSpace, tmp_path: Path):
+def test_baselines_enqueue_and_sample_the_baseline(tiny: PreparedSpace, tmp_path: Path):
     assert tiny.baselines == ({"attention.kind": "standard", "attention.heads": 4,
                                "mlp": {"dense": {}}},)
     fixed = tiny.fixed_params({"attention": {"kind": "bilinear_btt", "heads": 2, "rank": 2},
@@ -211,12 +216,12 @@ def test_baselines_enqueue_and_sample_the_baseline(tiny: SearchSpace, tmp_path: 
     assert second.model["depth"] == 2 and second.train["lr"] == 1e-3
 
 
-def test_invalid_architecture_is_infeasible_not_an_error(tiny: SearchSpace, tmp_path: Path):
+def test_invalid_architecture_is_infeasible_not_an_error(tiny: PreparedSpace, tmp_path: Path):
     c = tiny.sample(optuna.trial.FixedTrial(
         {"depth": 1, "attention.kind": "mlr", "attention.heads": 4, "attention.ranks": "[2,1]",
          "mlp": '{"dense":{}}', "train.lr": 1e-3}))
     assert c.feasible and c.error is None
-    space = load_space(write(tmp_path, baselines="[]", space="""
+    space = prepared(write(tmp_path, baselines="[]", space="""
   width: 16
   attention: {kind: standard, heads: {choice: [3, 4]}}"""))
     bad = space.sample(optuna.trial.FixedTrial({"attention.heads": 3}))
@@ -226,7 +231,7 @@ def test_invalid_architecture_is_infeasible_not_an_error(tiny: SearchSpace, tmp_
 
 
 def test_constraints_make_candidates_infeasible(tmp_path: Path):
-    space = load_space(write(tmp_path, constraints="{max_flops: 1.0e4, max_params: 4000}",
+    space = prepared(write(tmp_path, constraints="{max_flops: 1.0e4, max_params: 4000}",
                              baselines="[]"))
     reasons = [c.reason for _, c in random_candidates(space) if c.spec is not None]
     assert any(r and re.fullmatch(r"flops_per_token [\d.e+]+ > max_flops 1e\+04(; .*)?", r)
@@ -238,14 +243,14 @@ def test_constraints_make_candidates_infeasible(tmp_path: Path):
             assert c.feasible == (not over)
 
 
-def test_model_costs_agree_with_the_core(tiny: SearchSpace):
+def test_model_costs_agree_with_the_core(tiny: PreparedSpace):
     for _, c in random_candidates(tiny, n=5):
         assert model_costs(c.spec) == (model_flops(c.spec), model_params(c.spec),
                                        kv_cache_bytes(c.spec))
         assert (c.flops_per_token, c.params_count, c.kv_cache_bytes) == model_costs(c.spec)
 
 
-def test_tpe_study_runs_on_a_conditional_space(tiny: SearchSpace):
+def test_tpe_study_runs_on_a_conditional_space(tiny: PreparedSpace):
     study = optuna.create_study(sampler=make_sampler(tiny), directions=["minimize"] * 2)
 
     def objective(trial):
@@ -262,7 +267,7 @@ def test_tpe_study_runs_on_a_conditional_space(tiny: SearchSpace):
                                        ("gp", optuna.samplers.GPSampler),
                                        ("random", optuna.samplers.RandomSampler)])
 def test_make_sampler(tmp_path: Path, name: str, cls: type):
-    space = load_space(write(tmp_path, sampler=f"{{name: {name}, seed: 3}}"))
+    space = prepared(write(tmp_path, sampler=f"{{name: {name}, seed: 3}}"))
     assert isinstance(make_sampler(space), cls)
     assert space.sampler == {"name": name, "seed": 3}
 
@@ -271,12 +276,12 @@ def test_make_sampler(tmp_path: Path, name: str, cls: type):
 
 
 def test_defaults_and_number_strings(tmp_path: Path):
-    space = load_space(write(tmp_path, filename="my_study.yaml", **{"name": None, "trials": None}))
+    space = prepared(write(tmp_path, filename="my_study.yaml", **{"name": None, "trials": None}))
     assert space.name == "my_study"  # default: the file name
     assert (space.trials, space.workers, space.seed, space.storage) == (20, 1, 0, None)
     assert space.resources == {"cpus": 1.0, "gpus": 0.0}
-    assert space.budget_flops == 2e9  # YAML reads 2e9 as text; accepted as a number
-    nums = load_space(write(tmp_path, constraints="{max_params: 1e6}", sampler=None,
+    assert space.budget_flops == 2e9  # 2e9 is a float (YAML 1.1 would read it as text)
+    nums = prepared(write(tmp_path, constraints="{max_params: 1e6}", sampler=None,
                             train="{batch_size: 8, weight_decay: 1e-2}"))
     assert nums.constraints == {"max_flops": None, "max_params": 1000000}
     assert nums.train == {"batch_size": 8, "weight_decay": 0.01}
@@ -285,30 +290,23 @@ def test_defaults_and_number_strings(tmp_path: Path):
 
 def test_precedence_cli_over_file_over_default(tmp_path: Path):
     path = write(tmp_path, storage="sqlite:///file.db")
-    space = load_space(path, {"trials": 9, "workers": None, "name": "cli", "storage": None})
+    space = prepared(path, {"trials": 9, "workers": None, "name": "cli", "storage": None})
     assert (space.trials, space.workers, space.name, space.storage) == (
         9, 1, "cli", "sqlite:///file.db")
-    space = load_space(path, {"storage": "postgresql://u:secret@h/db", "workers": 3})
+    space = prepared(path, {"storage": "postgresql://u:secret@h/db", "workers": 3})
     assert (space.trials, space.workers, space.storage) == (4, 3, "postgresql://u:secret@h/db")
     assert space.to_dict()["storage"] == "postgresql://u:***@h/db"
     with pytest.raises(UsageError, match=r"--trials must be an integer >= 1, got 0"):
-        load_space(path, {"trials": 0})
+        prepared(path, {"trials": 0})
     with pytest.raises(UsageError, match=r"unknown override 'seed'"):
-        load_space(path, {"seed": 1})
-    space = load_space(path, {"budget": 1e9, "seeds": 3})  # mlbtc search --budget --seeds
+        prepared(path, {"seed": 1})
+    space = prepared(path, {"budget": 1e9, "seeds": 3})  # mlbtc search --budget --seeds
     assert (space.budget_flops, space.seeds) == (1e9, 3)
     with pytest.raises(UsageError, match=r"--budget must be a positive number of FLOPs"):
-        load_space(path, {"budget": -1.0})
+        prepared(path, {"budget": -1.0})
 
 
-def test_default_storage_is_beside_the_yaml(tmp_path: Path):
-    space = load_space(write(tmp_path))
-    assert default_storage(space) == f"sqlite:///{tmp_path.resolve() / 'tiny.db'}"
-    assert default_storage(load_space(write(tmp_path, storage="sqlite:///x.db"))) == (
-        "sqlite:///x.db")
-
-
-def test_to_dict_round_trips(tiny: SearchSpace):
+def test_to_dict_round_trips(tiny: PreparedSpace):
     d = tiny.to_dict()
     again = SearchSpace.from_dict(d)
     assert again.to_dict() == d and again.hash() == tiny.hash()
@@ -316,9 +314,35 @@ def test_to_dict_round_trips(tiny: SearchSpace):
     assert d["budget"] == 2e9 and d["constraints"] == {"max_flops": 1e6, "max_params": None}
 
 
+def test_parsing_is_pure_and_prepare_is_the_second_step(tmp_path: Path):
+    path = write(tmp_path, task="{name: text, options: {path: missing.txt}}")
+    space = load_space(path)  # the task's data are not read yet
+    assert isinstance(space, SearchSpace) and space.task["options"] == {"path": "missing.txt"}
+    assert space == load_space(path) and space.param_names[0] == "depth"
+    with pytest.raises(UsageError, match=r"text data path 'missing.txt' does not exist"):
+        space.prepare()
+    bad = write(tmp_path, "bad.yaml", task="{name: icl_regression, options: {n_dims: 0}}")
+    with pytest.raises(SpecError, match=rf"^at {re.escape(str(bad))}:2 task\.options\.n_dims: "):
+        load_space(bad).prepare()
+    ready = load_space(write(tmp_path)).prepare()
+    assert ready.prepare() is ready and ready.space.prepare() == ready  # idempotent, pure
+    assert (ready.adapter.input_dim, ready.seq_len) == (4, 16)
+    assert ready.name == "tiny" and ready.to_dict() == ready.space.to_dict()
+
+
+def test_direct_construction_needs_normalized_settings():
+    from studies.settings import resolve_settings
+
+    d = resolve_settings({"task": "icl_regression", "budget": 1e9, "space": {"width": 16}},
+                         None, "s")
+    d["baselines"] = tuple(d["baselines"])
+    with pytest.raises(SpecError, match=r"SearchSpace needs normalized settings"):
+        SearchSpace(**d)
+
+
 def test_missing_file_is_a_usage_error(tmp_path: Path):
     with pytest.raises(UsageError, match="file not found"):
-        load_space(tmp_path / "nope.yaml")
+        prepared(tmp_path / "nope.yaml")
 
 
 # ---- bad input: SpecError with file:line and the key path -----------------------------------
@@ -351,7 +375,13 @@ BAD = [
     ({"constraints": "{max_latency: 3}"}, "constraints",
      r"constraints\.max_latency: unknown constraint 'max_latency'"),
     ({"resources": "{cpus: 0}"}, "resources",
-     r"resources\.cpus: resources\.cpus must be a number > 0"),
+     r"resources\.cpus: resources\.cpus must be a finite number > 0"),
+    ({"resources": "{gpus: .inf}"}, "resources",
+     r"resources\.gpus: resources\.gpus must be a finite number >= 0"),
+    ({"budget": "\"2e9\""}, "budget", r"budget: budget must be a positive number .*got .2e9."),
+    ({"space": "\n  width: 16\n  depth: {int: [1, 1000000000]}\n  layers: {per_layer: "
+               "{kind: standard}}"}, "layers",  # no 10**9 per-layer subtrees are built
+     r"space\.layers: no sampled architecture is valid .*layers must be a list of depth="),
     ({"baselines": "[{attention.knd: standard}]"}, "baselines",
      r"baselines\[0\]\.attention\.knd: unknown parameter 'attention\.knd'; the space has: "),
     ({"baselines": "[{attention.heads: 3}]"}, "baselines",
@@ -409,5 +439,5 @@ def test_bad_input_is_a_spec_error_with_file_line_and_path(
     path = write(tmp_path, **sections)
     line = line_of(path, line_prefix) if line_prefix else 1
     with pytest.raises(SpecError, match=rf"^at {re.escape(str(path))}:{line} {message}") as info:
-        load_space(path)
+        prepared(path)
     assert info.value.source == f"{path}:{line}"

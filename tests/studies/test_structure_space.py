@@ -6,19 +6,19 @@ import optuna
 import pytest
 
 from mlbtc_search.errors import SpecError
-from studies.space import SearchSpace
+from studies.space import PreparedSpace, SearchSpace
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 MATRIX = {"structure": "matrix", "forms": ["graph", "theta"], "cores": 2, "axes": 2}
 
 
-def _space(space: dict, **top) -> SearchSpace:
+def _space(space: dict, **top) -> PreparedSpace:
     return SearchSpace.from_dict({"task": {"name": "icl_regression", "options": {"n_dims": 4}},
-                                  "budget": 2e9, "space": space, **top})
+                                  "budget": 2e9, "space": space, **top}).prepare()
 
 
-def _samples(space: SearchSpace, n: int = 12):
+def _samples(space: PreparedSpace, n: int = 12):
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(n):
         trial = study.ask()

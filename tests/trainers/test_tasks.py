@@ -102,14 +102,15 @@ def test_unknown_option_lists_valid_options() -> None:
 @pytest.mark.parametrize(
     ("name", "options", "match"),
     [
-        ("icl_regression", {"n_dims": 0}, "at n_dims: n_dims >= 1 must hold, got n_dims=0"),
+        ("icl_regression", {"n_dims": 0}, "at n_dims: n_dims must be an integer >= 1 and <= 6"),
+        ("icl_regression", {"n_dims": 10**12}, "n_dims must be an integer >= 1 and <= 65536"),
         ("icl_regression", {"n_dims": 2.5}, "n_dims must be an integer"),
         ("icl_regression", {"curriculum": "yes"}, "curriculum must be true or false"),
         ("icl_regression", {"n_dims": 4, "curriculum_start_dims": 5}, "curriculum_start_dims <="),
         ("text", {"val_fraction": 1.0}, "at val_fraction: 0 < val_fraction < 1 must hold"),
         ("text", {"format": "csv"}, "format must be one of 'auto', 'text', 'nanogpt'"),
         ("text", {"format": "nanogpt"}, "format 'nanogpt' needs path"),
-        ("timeseries", {"horizon": 0}, "at horizon: horizon >= 1"),
+        ("timeseries", {"horizon": 0}, "at horizon: horizon must be an integer >= 1"),
         ("timeseries", {"columns": "OT"}, "columns must be null"),
         ("timeseries", {"columns": ["ch0", "OT"]}, "'OT' is not a numeric column.*ch0, ch1"),
     ],

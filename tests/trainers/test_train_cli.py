@@ -66,7 +66,8 @@ def test_the_last_stdout_line_is_the_result(tiny, capsys):
     assert result["train_flops"] <= 2e7
     assert result["metric_name"] == "last_sq_error"
     assert result["task"]["options"]["n_dims"] == 2
-    assert err and err[-1].startswith("ok: ")  # progress and the summary go to stderr
+    assert err and err[-2].startswith("ok: ")  # progress and the summary go to stderr
+    assert err[-1].startswith("nothing saved: give --out DIR")
 
 
 def test_quiet_writes_nothing_to_stderr(tiny, capsys):
@@ -106,8 +107,8 @@ def test_out_refuses_a_non_empty_directory(tiny, tmp_path, capsys):
     code, out, err = run(["train", str(tiny), "--budget", "1e7", "--out", str(tmp_path / "full"),
                           *TASK_ARGS], capsys)
     assert code == 2 and out == []
-    assert err == [f"mlbtc train: error: --out {tmp_path / 'full'} exists and is not an empty "
-                   "directory; give a new one"]
+    assert err == [f"mlbtc train: error: --out {tmp_path / 'full'} exists and is not empty; "
+                   "give a new or empty directory"]
 
 
 @pytest.mark.parametrize(("args", "message"), [

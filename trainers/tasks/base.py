@@ -27,10 +27,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from mlbtc_search.checks import check_int
 from mlbtc_search.errors import SpecError, TrainingError, UsageError
 
 SPLITS = ("train", "val")
 INPUT_KINDS = ("vector", "tokens", "series")
+MAX_SIZE = 1 << 16  # dims, lengths and batch sizes: checked before anything is allocated
+MAX_POOL = 1 << 20  # pre-drawn regression tasks
 
 
 @dataclass(frozen=True)
@@ -112,8 +115,8 @@ class Task(abc.ABC):
         same seed see the same data. Batches have equal size, so the mean of per-batch values is
         the mean over all samples.
         """
-        batches = check_int("batches", batches)
-        batch_size = check_int("batch_size", batch_size)
+        batches = check_int(batches, ("batches",), "batches", high=MAX_SIZE)
+        batch_size = check_int(batch_size, ("batch_size",), "batch_size", high=MAX_SIZE)
         generator = torch.Generator().manual_seed(seed)
         device = _device_of(model)
         was_training = model.training if isinstance(model, nn.Module) else None
@@ -151,15 +154,6 @@ def _device_of(model: Callable[[Tensor], Tensor]) -> torch.device:
 
 # ---------------------------------------------------------------------------------------------
 # Shared helpers for the tasks: option checks, split checks, output shape checks, seeds.
-
-
-def check_int(name: str, value: Any, *, minimum: int = 1) -> int:
-    """``value`` as an int >= ``minimum``, else a SpecError naming option ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise SpecError(f"{name} must be an integer >= {minimum}, got {value!r}", path=(name,))
-    if value < minimum:
-        raise SpecError(f"{name} >= {minimum} must hold, got {name}={value}", path=(name,))
-    return int(value)
 
 
 def check_fraction(name: str, value: Any) -> float:

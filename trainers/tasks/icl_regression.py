@@ -37,6 +37,8 @@ from torch import Tensor
 from mlbtc_search.errors import SpecError
 
 from .base import (
+    MAX_POOL,
+    MAX_SIZE,
     Adapter,
     Task,
     check_bool,
@@ -67,18 +69,33 @@ class IclRegressionTask(Task):
         curriculum_interval: int = 200,
         pool_size: int | None = None,
     ) -> None:
-        self.n_dims = check_int("n_dims", n_dims)
-        self.n_points = 2 * self.n_dims if n_points is None else check_int("n_points", n_points)
+        self.n_dims = check_int(n_dims, ("n_dims",), "n_dims", high=MAX_SIZE)
+        self.n_points = (
+            2 * self.n_dims
+            if n_points is None
+            else check_int(n_points, ("n_points",), "n_points", high=MAX_SIZE)
+        )
         self.curriculum = check_bool("curriculum", curriculum)
-        self.start_dims = check_int("curriculum_start_dims", curriculum_start_dims)
+        self.start_dims = check_int(
+            curriculum_start_dims,
+            ("curriculum_start_dims",),
+            "curriculum_start_dims",
+            high=MAX_SIZE,
+        )
         if self.start_dims > self.n_dims:
             raise SpecError(
                 "curriculum_start_dims <= n_dims must hold, got "
                 f"curriculum_start_dims={self.start_dims} > n_dims={self.n_dims}",
                 path=("curriculum_start_dims",),
             )
-        self.interval = check_int("curriculum_interval", curriculum_interval)
-        self.pool_size = None if pool_size is None else check_int("pool_size", pool_size)
+        self.interval = check_int(
+            curriculum_interval, ("curriculum_interval",), "curriculum_interval", high=MAX_SIZE
+        )
+        self.pool_size = (
+            None
+            if pool_size is None
+            else check_int(pool_size, ("pool_size",), "pool_size", high=MAX_POOL)
+        )
         self.options: dict[str, Any] = {
             "n_dims": self.n_dims,
             "n_points": self.n_points,
@@ -112,7 +129,7 @@ class IclRegressionTask(Task):
         self, split: str, batch_size: int, generator: torch.Generator, step: int = 0
     ) -> tuple[Tensor, Tensor]:
         check_split(split)
-        batch_size = check_int("batch_size", batch_size)
+        batch_size = check_int(batch_size, ("batch_size",), "batch_size", high=MAX_SIZE)
         if split == "train":
             d_cur, n = self.dims_at(step), self.points_at(step)
         else:

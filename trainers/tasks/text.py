@@ -31,9 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mlbtc_search.errors import SpecError, TrainingError
+from mlbtc_search.errors import SpecError, TrainingError, UsageError
 
 from .base import (
+    MAX_SIZE,
     Adapter,
     Task,
     check_choice,
@@ -76,7 +77,7 @@ class TextTask(Task):
         val_fraction: float = 0.05,
     ) -> None:
         fmt = check_choice("format", format, FORMATS)
-        self.seq_len = check_int("seq_len", seq_len)
+        self.seq_len = check_int(seq_len, ("seq_len",), "seq_len", high=MAX_SIZE)
         self.val_fraction = check_fraction("val_fraction", val_fraction)
         self.path = check_path("path", path, "text data path")
         fmt = self._resolve_format(fmt)
@@ -143,7 +144,7 @@ class TextTask(Task):
         self, split: str, batch_size: int, generator: torch.Generator, step: int = 0
     ) -> tuple[Tensor, Tensor]:
         check_split(split)
-        batch_size = check_int("batch_size", batch_size)
+        batch_size = check_int(batch_size, ("batch_size",), "batch_size", high=MAX_SIZE)
         data = self.train_data if split == "train" else self.val_data
         T = self.seq_len
         starts = torch.randint(0, len(data) - T, (batch_size,), generator=generator)
@@ -169,9 +170,23 @@ def _load_bytes(path: Path | None) -> np.ndarray:
     """The bytes of a text file (memory-mapped) or of the default corpus, as uint8."""
     if path is None:
         return np.frombuffer(default_corpus(), dtype=np.uint8)
-    if path.stat().st_size == 0:
-        return np.zeros(0, dtype=np.uint8)
-    return np.memmap(path, dtype=np.uint8, mode="r")
+    return _memmap(path, np.uint8)
+
+
+def _memmap(path: Path, dtype: Any) -> np.ndarray:
+    """``path`` memory-mapped read-only (empty files give an empty array); unreadable or special
+    files are one-line UsageErrors."""
+    try:
+        if not path.is_file():
+            raise UsageError(
+                f"{str(path)!r} is not a regular file (give a text file or a nanoGPT "
+                "data directory)"
+            )
+        if path.stat().st_size == 0:
+            return np.zeros(0, dtype=dtype)
+        return np.memmap(path, dtype=dtype, mode="r")
+    except OSError as exc:
+        raise UsageError(f"cannot read {str(path)!r}: {exc.strerror or exc}") from None
 
 
 def _load_nanogpt(directory: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -192,7 +207,5 @@ def _load_nanogpt(directory: Path) -> tuple[np.ndarray, np.ndarray]:
                 f"got {size} bytes",
                 path=("path",),
             )
-        splits.append(
-            np.zeros(0, np.uint16) if size == 0 else np.memmap(file, dtype=np.uint16, mode="r")
-        )
+        splits.append(_memmap(file, np.uint16))
     return splits[0], splits[1]

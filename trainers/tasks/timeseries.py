@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,9 +43,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mlbtc_search.checks import read_text
 from mlbtc_search.errors import SpecError
 
 from .base import (
+    MAX_SIZE,
     Adapter,
     Task,
     check_fraction,
@@ -55,6 +58,7 @@ from .base import (
 )
 
 SYNTHETIC_STEPS = 17420
+MAX_CSV_BYTES = 1 << 30  # ETTh1 is 2.6 MB; the whole file is read into memory
 SYNTHETIC_CHANNELS = 7
 
 
@@ -73,8 +77,8 @@ class TimeseriesTask(Task):
         columns: Sequence[str] | None = None,
         val_fraction: float = 0.2,
     ) -> None:
-        self.lookback = check_int("lookback", lookback)
-        self.horizon = check_int("horizon", horizon)
+        self.lookback = check_int(lookback, ("lookback",), "lookback", high=MAX_SIZE)
+        self.horizon = check_int(horizon, ("horizon",), "horizon", high=MAX_SIZE)
         self.val_fraction = check_fraction("val_fraction", val_fraction)
         wanted = _check_columns(columns)
         self.path = check_path("path", path, "CSV file")
@@ -117,7 +121,7 @@ class TimeseriesTask(Task):
         self, split: str, batch_size: int, generator: torch.Generator, step: int = 0
     ) -> tuple[Tensor, Tensor]:
         check_split(split)
-        batch_size = check_int("batch_size", batch_size)
+        batch_size = check_int(batch_size, ("batch_size",), "batch_size", high=MAX_SIZE)
         data = self.train_data if split == "train" else self.val_data
         N, C = data.shape
         L, T = self.lookback, self.lookback + self.horizon
@@ -184,10 +188,15 @@ def _select(
 def load_csv(path: Path, wanted: tuple[str, ...] | None = None) -> tuple[np.ndarray, list[str]]:
     """The numeric columns of an ETT-style CSV as float64 ``(rows, columns)`` and their names."""
     where = f"CSV {str(path)!r}"
-    with path.open(newline="", encoding="utf-8") as file:
-        reader = csv.reader(file)
+    text = read_text(path, "CSV file", max_bytes=MAX_CSV_BYTES)  # binary/non-UTF-8: one line
+    try:
+        reader = csv.reader(io.StringIO(text, newline=""))
         header = [h.strip() for h in next(reader, [])]
         rows = [row for row in reader if row]
+    except csv.Error as exc:
+        raise SpecError(
+            f"{where} is not a readable CSV file (line {reader.line_num}: {exc})", path=("path",)
+        ) from None
     if not header:
         raise SpecError(
             f"{where} is empty; it needs a header row (date, then numeric columns)", path=("path",)
