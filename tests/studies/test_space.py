@@ -380,8 +380,9 @@ BAD = [
      r"resources\.gpus: resources\.gpus must be a finite number >= 0"),
     ({"budget": "\"2e9\""}, "budget", r"budget: budget must be a positive number .*got .2e9."),
     ({"space": "\n  width: 16\n  depth: {int: [1, 1000000000]}\n  layers: {per_layer: "
-               "{kind: standard}}"}, "layers",  # no 10**9 per-layer subtrees are built
-     r"space\.layers: no sampled architecture is valid .*layers must be a list of depth="),
+               "{kind: standard}}"}, "depth:",  # refused by the depth limit, nothing built
+     r"space\.depth\.int: no sampled architecture is valid .*depth must be an integer >= 1 "
+     r"and <= 1024"),
     ({"baselines": "[{attention.knd: standard}]"}, "baselines",
      r"baselines\[0\]\.attention\.knd: unknown parameter 'attention\.knd'; the space has: "),
     ({"baselines": "[{attention.heads: 3}]"}, "baselines",
