@@ -109,12 +109,22 @@ class Dashboard:
                                 pages.study_subtitle(study.info, study.directions), names)
 
     def study_data(self, study_id: int, families: list[str] | None,
-                   states: list[str] | None) -> dict[str, Any]:
+                   states: list[str] | None, color_by: str | None = None,
+                   size_by: str | None = None) -> dict[str, Any]:
         """Everything the study page's callback returns (figures, cards, table, version)."""
         view, version = self.views.get(study_id)
+        known = set(view.descriptors)
         return {
-            "front": figures.pareto_figure(view.rows, view.front).update_layout(
+            "front": figures.pareto_figure(
+                view.rows, view.front, color_by=color_by if color_by in known else None,
+                size_by=size_by if size_by in known else None).update_layout(
                 uirevision=f"front-{study_id}"),
+            "descriptors": [{"label": d.removeprefix(data.DESCRIPTOR_PREFIX), "value": d}
+                            for d in view.descriptors],
+            "importance_params": figures.importance_figure(
+                view.importances.get("params", {}), "sampled parameters"),
+            "importance_descriptors": figures.importance_figure(
+                view.importances.get("descriptors", {}), "structure descriptors"),
             "hv": figures.hypervolume_figure(view.hv_history, view.reference),
             "cards": pages.study_cards(view),
             "table": self.table(study_id, families, states),
@@ -229,25 +239,35 @@ def _register(app: dash.Dash, board: Dashboard) -> None:
     @app.callback(
         Output("front", "figure"), Output("hv", "figure"), Output("study-cards", "children"),
         Output("trials", "data"), Output("family-filter", "options"),
-        Output("study-version", "data"),
+        Output("study-version", "data"), Output("color-by", "options"),
+        Output("size-by", "options"), Output("importance-params", "figure"),
+        Output("importance-descriptors", "figure"),
         Input("tick", "n_intervals"), Input("family-filter", "value"),
-        Input("state-filter", "value"), State("study-version", "data"),
-        State("study-key", "data"))
+        Input("state-filter", "value"), Input("color-by", "value"), Input("size-by", "value"),
+        State("study-version", "data"), State("study-key", "data"))
     def update_study(_: int, families: list[str] | None, states: list[str] | None,
+                     color_by: str | None, size_by: str | None,
                      version: str | None, key: dict | None) -> Any:
         if not key:
             raise PreventUpdate
+        keep = (no_update,) * 4
         try:
             _, current = board.views.get(key["study_id"])
             if current == version:
                 if ctx.triggered_id == "tick":
                     raise PreventUpdate
+                if ctx.triggered_id in ("color-by", "size-by"):
+                    d = board.study_data(key["study_id"], families, states, color_by, size_by)
+                    return (d["front"], no_update, no_update, no_update, no_update,
+                            no_update) + keep
                 table = board.table(key["study_id"], families, states)
-                return no_update, no_update, no_update, table, no_update, no_update
-            d = board.study_data(key["study_id"], families, states)
+                return (no_update, no_update, no_update, table, no_update, no_update) + keep
+            d = board.study_data(key["study_id"], families, states, color_by, size_by)
         except UsageError:
             raise PreventUpdate from None
-        return d["front"], d["hv"], d["cards"], d["table"], d["families"], d["version"]
+        return (d["front"], d["hv"], d["cards"], d["table"], d["families"], d["version"],
+                d["descriptors"], d["descriptors"], d["importance_params"],
+                d["importance_descriptors"])
 
     @app.callback(Output("overlay", "figure"), Input("overlay-studies", "value"),
                   Input("study-version", "data"))

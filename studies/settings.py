@@ -18,14 +18,15 @@ from mlbtc_search.checks import check_int
 from mlbtc_search.errors import SpecError, UsageError
 
 TOP_KEYS = ("name", "task", "budget", "objectives", "sampler", "trials", "workers",
-            "resources", "storage", "seed", "train", "constraints", "baselines", "space")
+            "resources", "storage", "seed", "seeds", "train", "constraints", "baselines",
+            "space")
 REQUIRED = ("task", "budget", "space")
 DEFAULTS: dict[str, Any] = {
     "objectives": ["val_loss", "flops_per_token"], "sampler": {"name": "tpe"}, "trials": 20,
     "workers": 1, "resources": {"cpus": 1.0, "gpus": 0.0}, "storage": None, "seed": 0,
-    "train": {}, "constraints": {}, "baselines": [],
+    "seeds": 1, "train": {}, "constraints": {}, "baselines": [],
 }
-OVERRIDES = ("trials", "workers", "storage", "name")
+OVERRIDES = ("trials", "workers", "storage", "name", "budget", "seeds")
 OBJECTIVES = ("val_loss", "flops_per_token", "params", "kv_cache_bytes", "latency")
 SAMPLER_OPTIONS = {
     "tpe": ("n_startup_trials", "n_ei_candidates", "multivariate", "group", "constant_liar",
@@ -85,7 +86,8 @@ def normalize(s: Mapping[str, Any]) -> dict[str, Any]:
         "trials": check_int(s["trials"], ("trials",), "trials"),
         "workers": check_int(s["workers"], ("workers",), "workers"),
         "resources": _resources(s["resources"]), "storage": _storage(s["storage"]),
-        "seed": seed, "train": _train(s["train"]), "constraints": _constraints(s["constraints"]),
+        "seed": seed, "seeds": check_int(s["seeds"], ("seeds",), "seeds"),
+        "train": _train(s["train"]), "constraints": _constraints(s["constraints"]),
     }
 
 
@@ -103,7 +105,10 @@ def _check_overrides(overrides: Mapping[str, Any]) -> dict:
         if value is None:
             continue
         flag = "--" + key
-        if key in ("trials", "workers"):
+        if key == "budget" and (isinstance(value, bool) or not isinstance(value, int | float)
+                                or not 0 < value < float("inf")):
+            raise UsageError(f"{flag} must be a positive number of FLOPs, got {value!r}")
+        if key in ("trials", "workers", "seeds"):
             try:
                 check_int(value, (), flag)
             except SpecError as err:

@@ -108,6 +108,7 @@ class SearchSpace:
     resources: dict
     storage: str | None
     seed: int
+    seeds: int  # every architecture trains with seeds seed, seed + 1, ...; objective = mean
     train: dict
     constraints: dict
     baselines: tuple[dict, ...]
@@ -154,7 +155,8 @@ class SearchSpace:
             "name": self.name, "task": copy.deepcopy(self.task), "budget": self.budget_flops,
             "objectives": list(self.objectives), "sampler": dict(self.sampler),
             "trials": self.trials, "workers": self.workers, "resources": dict(self.resources),
-            "storage": mask(self.storage), "seed": self.seed, "train": dict(self.train),
+            "storage": mask(self.storage), "seed": self.seed, "seeds": self.seeds,
+            "train": dict(self.train),
             "constraints": dict(self.constraints),
             "baselines": [copy.deepcopy(b) for b in self.baselines],
             "space": expand(copy.deepcopy(self.space)),
@@ -182,7 +184,7 @@ class SearchSpace:
 
 
 _SETTINGS = ("name", "task", "budget_flops", "objectives", "sampler", "trials", "workers",
-             "resources", "storage", "seed", "train", "constraints")
+             "resources", "storage", "seed", "seeds", "train", "constraints")
 
 
 @dataclass(frozen=True)
@@ -222,7 +224,7 @@ class PreparedSpace:
 
         Never raises for an invalid or over-constraint architecture: the Candidate says so.
         """
-        walk = Walk(self.space.tree, trial)
+        walk = Walk(self.space.tree, trial, self.seq_len)
         return self._candidate(walk.build(), walk.params)
 
     # ---- candidates ----------------------------------------------------------------------
@@ -272,7 +274,7 @@ class PreparedSpace:
         last: SpecError | None = None
         valid: list[tuple[dict, Candidate]] = []
         for _ in range(DRY_SAMPLES):
-            walk = Walk(self.space.tree, study.ask())
+            walk = Walk(self.space.tree, study.ask(), self.seq_len)
             built = walk.build()
             c = self._candidate(built, walk.params, costs=False)
             if c.spec is None:
@@ -296,7 +298,7 @@ class PreparedSpace:
     def _check_baseline(self, baseline: dict, doc: Path) -> None:
         """A full assignment must be used and give a feasible architecture."""
         replay = ReplayTrial(self.space.fixed_params(baseline))
-        walk = Walk(self.space.tree, replay)
+        walk = Walk(self.space.tree, replay, self.seq_len)
         built = walk.build()
         if replay.missing:
             return

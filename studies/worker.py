@@ -5,10 +5,13 @@
 storage (the driver is its only writer). Errors inside training come back as
 ``{"error": "..."}``; only a dead worker process makes the Ray call itself fail.
 
-Returned dict: ``result`` (``TrainResult.to_json()``), ``weights`` (safetensors bytes of the
-state dict, for status ``ok``), ``cpu_s`` (process CPU seconds of the training: compared with its
-wall time it shows how much of a core the trial got), ``latency_s`` (when the objectives ask for
-it), and where it ran: ``node`` (Ray node id), ``host``, ``pid``.
+Returned dict: ``result`` (``TrainResult.to_json()`` of the first seed), ``weights``
+(safetensors bytes of its state dict, for status ``ok``), ``seed_results`` (with ``seeds: k`` in
+the payload: one ``{seed, status, val_loss, metric, steps, seconds, reason}`` per seed, trained
+one after the other in this task; the first one that does not end ``ok`` ends the trial),
+``cpu_s`` (process CPU seconds of the training: compared with its wall time it shows how much of
+a core the trial got), ``latency_s`` (when the objectives ask for it), and where it ran:
+``node`` (Ray node id), ``host``, ``pid``.
 
 The driver names each Ray task ``mlbtc-trial-<number>``; Ray shows that name in its state API
 and as the worker's process title (``ray::mlbtc-trial-3``) while the trial trains, which is how
@@ -54,6 +57,11 @@ def measure_latency(model: Any, task: Any, device: str) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def _seed_result(res: dict[str, Any]) -> dict[str, Any]:
+    keys = ("seed", "status", "val_loss", "metric", "steps", "seconds", "reason")
+    return {k: res.get(k) for k in keys}
+
+
 def run_trial(payload: dict[str, Any]) -> dict[str, Any]:
     """Train one trial (see the module doc); never raises for a training problem."""
     where = _where()
@@ -70,10 +78,17 @@ def run_trial(payload: dict[str, Any]) -> dict[str, Any]:
         spec = ModelSpec.from_dict(payload["spec"])
         config = TrainConfig(**payload.get("train", {}))
         cpu = time.process_time()
-        result = train(spec, task, float(payload["budget_flops"]), seed=int(payload["seed"]),
-                       config=config)
-        out: dict[str, Any] = {**where, "result": result.to_json(),
-                               "cpu_s": time.process_time() - cpu}
+        seed0 = int(payload["seed"])
+        result = train(spec, task, float(payload["budget_flops"]), seed=seed0, config=config)
+        out: dict[str, Any] = {**where, "result": result.to_json()}
+        seeds = [_seed_result(out["result"])]
+        for seed in range(seed0 + 1, seed0 + int(payload.get("seeds") or 1)):
+            if seeds[-1]["status"] != "ok":
+                break
+            seeds.append(_seed_result(train(spec, task, float(payload["budget_flops"]),
+                                            seed=seed, config=config).to_json()))
+        out["seed_results"] = seeds
+        out["cpu_s"] = time.process_time() - cpu
         if result.status == "ok":
             out["weights"] = safetensors.torch.save(result.state_dict())
             if "latency" in payload.get("objectives", ()):
