@@ -26,8 +26,9 @@ What runs on CUDA vs what is charged: the FLOPs of a model are the analytic plan
 kernel works on tiles (128 x 128 by default): a tile that the mask leaves empty is skipped, a
 partly masked one is computed whole, so per level it executes the tiles touching that level's
 pairs (at least the charged pairs; more where blocks are smaller than a tile), and Triton may
-round head sizes up to a power of two. Score widths below ``MIN_WIDTH`` are zero-padded to it
-(exact; a zero-width root level needs it).
+round head sizes up to a power of two. Score widths are zero-padded here to a power of two of at
+least ``MIN_WIDTH`` (exact; Triton's smallest head size, a zero-width root level needs it, and
+levels of one padded width share one compiled kernel); values narrower than ``MIN_WIDTH`` too.
 """
 
 from __future__ import annotations
@@ -93,30 +94,45 @@ def flex_levels(
     )
 
 
-def _level_mask(T: int, size: int, finer: int | None, causal: bool) -> Callable:
+def _padded(e: int) -> int:
+    """The q.k width a flex call runs: at least ``MIN_WIDTH``, rounded up to a power of two
+    (Triton rounds to one anyway; equal widths share one compiled kernel)."""
+    return max(MIN_WIDTH, 1 << max(0, e - 1).bit_length())
+
+
+def _level_mask(p: Tensor) -> Callable:
+    """Pairs in one block of ``p[0]`` rows, in different blocks of ``p[1]`` unless ``p[2] == 0``,
+    key <= query if ``p[3]``. Parameters are a tensor (captured buffer), so every level runs one
+    compiled graph per width instead of one per block size."""
+
     def mask_mod(b, h, q, kv):
-        ok = (q // size) == (kv // size) if size < T else q >= 0
-        if finer is not None:
-            ok = ok & ((q // finer) != (kv // finer))
-        return ok & (kv <= q) if causal else ok
+        same = (q // p[0]) == (kv // p[0])
+        apart = ((q // p[1]) != (kv // p[1])) | (p[2] == 0)
+        return same & apart & ((kv <= q) | (p[3] == 0))
 
     return mask_mod
 
 
-def _window_mask(window: int, causal: bool) -> Callable:
+def _window_mask(p: Tensor) -> Callable:
+    """|query - key| < ``p[0]``, key <= query if ``p[1]``."""
+
     def mask_mod(b, h, q, kv):
-        if causal:
-            return (kv <= q) & (q - kv < window)
-        return (q - kv < window) & (kv - q < window)
+        return (q - kv < p[0]) & (kv - q < p[0]) & ((kv <= q) | (p[1] == 0))
 
     return mask_mod
 
 
 @lru_cache(maxsize=256)
 def _block_mask(kind: str, T: int, a: int, b: int | None, causal: bool, device: str):
+    """The cached BlockMask of one level (``a`` = block size, ``b`` = finer block size or None)
+    or of a window (``a`` = window)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    mod = _level_mask(T, a, b, causal) if kind == "level" else _window_mask(a, causal)
+    if kind == "level":
+        p = torch.tensor([a, b or 1, b is not None, causal], device=device)
+        mod = _level_mask(p)
+    else:
+        mod = _window_mask(torch.tensor([a, causal], device=device))
     return create_block_mask(mod, None, None, T, T, device=device)
 
 
@@ -124,8 +140,8 @@ _compiled: Callable | None = None
 
 
 def compiled_flex() -> Callable:
-    """``torch.compile(flex_attention)``, built once. Each distinct (shape, mask) compiles its
-    own graph, so the recompile limit is raised to at least 64."""
+    """``torch.compile(flex_attention)``, built once. Each distinct shape compiles its own graph,
+    so the recompile limit is raised to at least 64."""
     global _compiled
     if _compiled is None:
         from torch.nn.attention.flex_attention import flex_attention
@@ -139,16 +155,22 @@ def compiled_flex() -> Callable:
 
 
 def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask, scale: float) -> tuple[Tensor, Tensor]:
-    """(out (B, H, T, Dv), lse (B, H, T) float32 or wider) of one masked flex call."""
+    """(out (B, H, T, Dv'), lse (B, H, T)) of one masked flex call; q, k zero-padded to
+    ``_padded`` features (exact: zeros add nothing to q.k)."""
     from torch.nn.attention import flex_attention as fa
 
-    if q.shape[-1] < MIN_WIDTH:
-        pad = (0, MIN_WIDTH - q.shape[-1])
-        q, k = F.pad(q, pad), F.pad(k, pad)
+    e = _padded(q.shape[-1])
+    if e != q.shape[-1]:
+        q, k = F.pad(q, (0, e - q.shape[-1])), F.pad(k, (0, e - k.shape[-1]))
     fn = compiled_flex() if q.device.type == "cuda" else fa.flex_attention
     out, aux = fn(q, k, v, block_mask=block_mask, scale=scale,
                   return_aux=fa.AuxRequest(lse=True))
     return out, aux.lse
+
+
+def _pad_values(v: Tensor) -> Tensor:
+    """v with at least ``MIN_WIDTH`` features (zeros; the extra output columns are dropped)."""
+    return F.pad(v, (0, MIN_WIDTH - v.shape[-1])) if v.shape[-1] < MIN_WIDTH else v
 
 
 def flex_multilevel_attention(
@@ -156,13 +178,14 @@ def flex_multilevel_attention(
     causal: bool = True, mean: bool = False,
 ) -> Tensor:
     """``multilevel_attention`` as flex calls merged by log-sum-exp (checked inputs)."""
-    T = q.shape[2]
+    T, dv = q.shape[2], v.shape[-1]
     device = str(q.device)
+    vp = _pad_values(v)
     outs, lses = [], []
     for lv in flex_levels(T, widths, block_sizes, mean):
         bm = _block_mask("level", T, lv.size, lv.finer, causal, device)
-        o, lse = _flex(q[..., : lv.prefix], k[..., : lv.prefix], v, bm, lv.scale)
-        outs.append(o)
+        o, lse = _flex(q[..., : lv.prefix], k[..., : lv.prefix], vp, bm, lv.scale)
+        outs.append(o[..., :dv])
         lses.append(lse)
     if len(outs) == 1:
         return outs[0]
@@ -176,7 +199,7 @@ def flex_multilevel_attention(
 def flex_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int, causal: bool) -> Tensor:
     """``window_attention`` as one flex call with a band mask (checked inputs, window <= T)."""
     bm = _block_mask("window", q.shape[2], window, None, causal, str(q.device))
-    return _flex(q, k, v, bm, 1.0)[0]
+    return _flex(q, k, _pad_values(v), bm, 1.0)[0][..., : v.shape[-1]]
 
 
 __all__ = [
