@@ -6,7 +6,11 @@ deepest shared level l (width r_0 + ... + r_l, ``attention_regions``). Here each
 ``flex_attention`` call on q[..., :prefix_l], k[..., :prefix_l] and all of v, with a block mask
 that keeps exactly the pairs whose deepest shared block is at level l (same level-l block,
 different level-(l+1) blocks; causal if asked). Each call returns its output and log-sum-exp;
-the outputs merge exactly by log-sum-exp. Sliding windows are one call with a band mask.
+the outputs merge exactly by log-sum-exp. Sliding windows are one call with a band mask. A
+single region (one global level at q.k width != value width: bilinear BTT, standard attention
+at its own widths) is one SDPA call (on CUDA the memory-efficient kernel: unequal and wide
+widths allowed, fused backward). Levels wider than ``MAX_WIDTH`` after padding go to the region
+kernel.
 
 Which path runs when, and why (``backend``; the env var ``MLBTC_ATTENTION_BACKEND`` overrides
 the default, for tests and benchmarks only):
@@ -48,6 +52,7 @@ from .errors import SpecError
 BACKENDS = ("auto", "regions", "flex")
 ENV_BACKEND = "MLBTC_ATTENTION_BACKEND"
 MIN_WIDTH = 16  # Triton's smallest head size; narrower q.k features are zero-padded
+MAX_WIDTH = 256  # the widest padded q.k width given to flex (its kernels' shared-memory tiles)
 
 
 def resolve_backend(x: Tensor, backend: str | None = None) -> str:
@@ -173,22 +178,37 @@ def _pad_values(v: Tensor) -> Tensor:
     return F.pad(v, (0, MIN_WIDTH - v.shape[-1])) if v.shape[-1] < MIN_WIDTH else v
 
 
+def flex_runs(
+    T: int, widths: Sequence[int], block_sizes: Sequence[int | None], mean: bool = False
+) -> bool:
+    """Whether the flex backend takes these levels: one region (one SDPA call) or every level's
+    padded q.k width at most ``MAX_WIDTH``; else the region kernel runs them."""
+    levels = flex_levels(T, widths, block_sizes, mean)
+    return len(levels) == 1 or all(_padded(lv.prefix) <= MAX_WIDTH for lv in levels)
+
+
 def flex_multilevel_attention(
     q: Tensor, k: Tensor, v: Tensor, widths: Sequence[int], block_sizes: Sequence[int | None],
     causal: bool = True, mean: bool = False,
 ) -> Tensor:
-    """``multilevel_attention`` as flex calls merged by log-sum-exp (checked inputs)."""
+    """``multilevel_attention`` as flex calls merged by log-sum-exp (checked, ``flex_runs``).
+
+    One region (a single global level, q.k width != value width: standard attention at its own
+    widths, bilinear forms) is one ``F.scaled_dot_product_attention`` call: on CUDA the
+    memory-efficient kernel takes unequal (and wide) q.k and value widths, fused, with its own
+    backward."""
     T, dv = q.shape[2], v.shape[-1]
+    levels = flex_levels(T, widths, block_sizes, mean)
+    if len(levels) == 1:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=levels[0].scale)
     device = str(q.device)
     vp = _pad_values(v)
     outs, lses = [], []
-    for lv in flex_levels(T, widths, block_sizes, mean):
+    for lv in levels:
         bm = _block_mask("level", T, lv.size, lv.finer, causal, device)
         o, lse = _flex(q[..., : lv.prefix], k[..., : lv.prefix], vp, bm, lv.scale)
         outs.append(o[..., :dv])
         lses.append(lse)
-    if len(outs) == 1:
-        return outs[0]
     acc = torch.promote_types(q.dtype, torch.float32)
     lse = torch.stack(lses).to(acc)  # (levels, B, H, T)
     weights = torch.exp(lse - torch.logsumexp(lse, dim=0)).unsqueeze(-1)  # (levels, B, H, T, 1)
@@ -207,8 +227,10 @@ __all__ = [
     "ENV_BACKEND",
     "FlexLevel",
     "MIN_WIDTH",
+    "MAX_WIDTH",
     "compiled_flex",
     "flex_levels",
+    "flex_runs",
     "flex_multilevel_attention",
     "flex_window_attention",
     "resolve_backend",

@@ -41,7 +41,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .attention_flex import flex_multilevel_attention, flex_window_attention, resolve_backend
+from .attention_flex import (
+    flex_multilevel_attention,
+    flex_runs,
+    flex_window_attention,
+    resolve_backend,
+)
 from .attention_regions import (
     CAUSAL_FINEST_BLOCK,
     KernelCost,
@@ -304,7 +309,7 @@ def multilevel_attention(
     T = q.shape[2]
     mean = mean and sum(w > 0 for w in widths) > 1  # one level: the mean is the sum
     if not (not mean and plain_sdpa(T, widths, block_sizes, v.shape[-1])) and \
-            resolve_backend(q, backend) == "flex":
+            resolve_backend(q, backend) == "flex" and flex_runs(T, widths, block_sizes, mean):
         return flex_multilevel_attention(q, k, v, widths, block_sizes, causal, mean)
     widths, block_sizes = kernel_levels(T, widths, block_sizes, causal, v.shape[-1])
     if not mean and plain_sdpa(T, widths, block_sizes, v.shape[-1]):

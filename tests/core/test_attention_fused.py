@@ -15,6 +15,7 @@ from mlbtc_search.attention_flex import (
     ENV_BACKEND,
     FlexLevel,
     flex_levels,
+    flex_runs,
     resolve_backend,
 )
 from mlbtc_search.attention_kernels import (
@@ -52,6 +53,17 @@ def test_flex_levels_merge_equal_blocks_and_add_the_root():
     assert flex_levels(21, (3, 2), (8, 4)) == (
         FlexLevel(21, 8, 0, 1.0), FlexLevel(8, 4, 3, 1.0), FlexLevel(4, None, 5, 1.0))
     assert flex_levels(9, (2, 3), (None, 12), mean=True) == (FlexLevel(9, None, 5, 0.5),)
+
+
+def test_levels_wider_than_flex_takes_run_the_region_kernel():
+    assert flex_runs(40, (1000,), (None,))  # one region: one SDPA call at any width
+    assert flex_runs(40, (200, 56), (None, 8))  # padded 256
+    assert not flex_runs(40, (200, 57), (None, 8))  # padded 512
+    q, k, v = qkv(40, 257, 8)
+    with torch.no_grad():
+        got = multilevel_attention(q, k, v, (200, 57), (None, 8), backend="flex")
+        want = multilevel_attention_reference(q, k, v, (200, 57), (None, 8))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-11)
 
 
 @pytest.mark.parametrize("causal", [True, False])
