@@ -187,6 +187,11 @@ def flex_runs(
     return len(levels) == 1 or all(_padded(lv.prefix) <= MAX_WIDTH for lv in levels)
 
 
+def flex_window_runs(width: int) -> bool:
+    """Whether the flex backend takes a window group of q.k ``width`` (padded <= ``MAX_WIDTH``)."""
+    return _padded(width) <= MAX_WIDTH
+
+
 def flex_multilevel_attention(
     q: Tensor, k: Tensor, v: Tensor, widths: Sequence[int], block_sizes: Sequence[int | None],
     causal: bool = True, mean: bool = False,
@@ -233,5 +238,6 @@ __all__ = [
     "flex_runs",
     "flex_multilevel_attention",
     "flex_window_attention",
+    "flex_window_runs",
     "resolve_backend",
 ]

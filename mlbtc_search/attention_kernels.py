@@ -45,6 +45,7 @@ from .attention_flex import (
     flex_multilevel_attention,
     flex_runs,
     flex_window_attention,
+    flex_window_runs,
     resolve_backend,
 )
 from .attention_regions import (
@@ -390,7 +391,7 @@ def window_attention(
     B, H, T, W = q.shape
     dv = v.shape[-1]
     window = min(window, T)  # a longer window sees the same keys
-    if resolve_backend(q, backend) == "flex":
+    if resolve_backend(q, backend) == "flex" and flex_window_runs(W):
         return flex_window_attention(q, k, v, window, causal)
     nc, kw = window_geometry(T, window, causal)
     pad_t = nc * window - T

@@ -16,6 +16,7 @@ from mlbtc_search.attention_flex import (
     FlexLevel,
     flex_levels,
     flex_runs,
+    flex_window_runs,
     resolve_backend,
 )
 from mlbtc_search.attention_kernels import (
@@ -64,6 +65,10 @@ def test_levels_wider_than_flex_takes_run_the_region_kernel():
         got = multilevel_attention(q, k, v, (200, 57), (None, 8), backend="flex")
         want = multilevel_attention_reference(q, k, v, (200, 57), (None, 8))
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-11)
+    assert flex_window_runs(256) and not flex_window_runs(257)
+    with torch.no_grad():
+        got = window_attention(q, k, v, 7, backend="flex")
+    torch.testing.assert_close(got, window_attention(q, k, v, 7), rtol=1e-10, atol=1e-11)
 
 
 @pytest.mark.parametrize("causal", [True, False])
