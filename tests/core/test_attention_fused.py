@@ -163,46 +163,51 @@ def _grads(fn, inputs, device, dtype):
     return [t.detach().cpu().double() for t in (out, *(x.grad for x in xs))]
 
 
-GPU_CASES = [((32, 8, 8, 8, 4, 4), (None, 512, 256, 128, 64, 32), 1000, 64),
-             ((64,), (None,), 777, 16), ((16, 16), (256, 64), 600, 32)]
+# One realistic case (six levels, blocks below flex's 128-row tiles, T not a multiple of them),
+# shared by the gpu tests so that they compile few kernels (the device time is short).
+GPU_CASE = ((32, 8, 8, 8, 4, 4), (None, 512, 256, 128, 64, 32), 1000, 64)
+
+
+def _multilevel(backend):
+    widths, block_sizes = GPU_CASE[:2]
+    return lambda q, k, v: multilevel_attention(q, k, v, widths, block_sizes, True,
+                                                backend=backend)
+
+
+def _gpu_inputs():
+    widths, _, T, dv = GPU_CASE
+    q, k, v = qkv(T, sum(widths), dv, B=1, H=2, dtype=torch.float32)
+    return q / sum(widths) ** 0.5, k, v
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 2e-4), (torch.bfloat16, 5e-2)])
-@pytest.mark.parametrize(("widths", "block_sizes", "T", "dv"), GPU_CASES)
-def test_cuda_flex_forward_backward(widths, block_sizes, T, dv, dtype, tol):
-    inputs = qkv(T, sum(widths), dv, B=1, H=2, dtype=torch.float32)
-    inputs = (inputs[0] / sum(widths) ** 0.5, *inputs[1:])
-
-    def ml(backend):
-        return lambda q, k, v: multilevel_attention(q, k, v, widths, block_sizes, True,
-                                                    backend=backend)
-
-    want = _grads(ml("regions"), inputs, "cpu", torch.float64)
-    got = _grads(ml(None), inputs, "cuda", dtype)
-    for g, w in zip(got, want, strict=True):
-        scale = w.abs().max().item()
-        torch.testing.assert_close(g, w, rtol=tol, atol=tol * scale)
-    want = _grads(lambda q, k, v: window_attention(q, k, v, 100), inputs, "cpu", torch.float64)
-    got = _grads(lambda q, k, v: window_attention(q, k, v, 100), inputs, "cuda", dtype)
-    for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g, w, rtol=tol, atol=tol * w.abs().max().item())
+def test_cuda_flex_forward_backward(dtype, tol):
+    """Compiled flex on CUDA (output, dQ, dK, dV) against the region kernel in float64."""
+    inputs = _gpu_inputs()
+    for fn in (_multilevel, lambda b: lambda q, k, v: window_attention(q, k, v, 100, True, b)):
+        want = _grads(fn("regions"), inputs, "cpu", torch.float64)
+        got = _grads(fn(None), inputs, "cuda", dtype)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=tol, atol=tol * w.abs().max().item())
 
 
 @pytest.mark.gpu
 def test_cuda_uses_the_compiled_flex_path_by_default():
-    q, k, v = (x.cuda() for x in qkv(300, 12, 8, dtype=torch.float32))
-    assert resolve_backend(q) == "flex"
+    inputs = _gpu_inputs()
+    assert resolve_backend(inputs[0].cuda()) == "flex"
     attention_flex._compiled = None
-    out = multilevel_attention(q, k, v, (6, 2, 2, 2), (None, 96, 48, 24))
+    got = _grads(_multilevel(None), inputs, "cuda", torch.float32)
     assert attention_flex._compiled is not None
-    want = multilevel_attention(q, k, v, (6, 2, 2, 2), (None, 96, 48, 24), backend="regions")
-    torch.testing.assert_close(out, want, rtol=2e-4, atol=2e-4)
+    want = _grads(_multilevel("regions"), inputs, "cuda", torch.float32)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=2e-4, atol=2e-4 * w.abs().max().item())
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", sorted(LAYERS))
+@pytest.mark.parametrize("name", ["general", "global_window", "bilinear_btt"])
 def test_cuda_layers_match_cpu_float32(name):
+    """Whole layers: heterogeneous groups (multi-level and window), a single-region SDPA call."""
     attn = _layer(name, torch.float32)
     x = torch.randn(2, 16, 32)
     want = _grads(attn, [x], "cpu", torch.float32)
