@@ -38,6 +38,7 @@ levels of one padded width share one compiled kernel); values narrower than ``MI
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -167,10 +168,14 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask, scale: float) -> tuple[Te
     e = _padded(q.shape[-1])
     if e != q.shape[-1]:
         q, k = F.pad(q, (0, e - q.shape[-1])), F.pad(k, (0, e - k.shape[-1]))
-    fn = compiled_flex() if q.device.type == "cuda" else fa.flex_attention
-    out, aux = fn(q, k, v, block_mask=block_mask, scale=scale,
-                  return_aux=fa.AuxRequest(lse=True))
-    return out, aux.lse
+    aux = fa.AuxRequest(lse=True)
+    if q.device.type == "cuda":
+        out, lse = compiled_flex()(q, k, v, block_mask=block_mask, scale=scale, return_aux=aux)
+        return out, lse.lse
+    with warnings.catch_warnings():  # eager on purpose (tests): no "use torch.compile" warning
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        out, lse = fa.flex_attention(q, k, v, block_mask=block_mask, scale=scale, return_aux=aux)
+    return out, lse.lse
 
 
 def _pad_values(v: Tensor) -> Tensor:
