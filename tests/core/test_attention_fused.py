@@ -155,6 +155,30 @@ def test_backend_selection(monkeypatch):
         resolve_backend(x)
 
 
+@pytest.mark.slow
+def test_compiled_flex_shares_one_graph_across_levels():
+    """The function CUDA runs, ``torch.compile(flex_attention)``, compiled here for CPU (forward,
+    no LSE: what torch allows on CPU): every level's mask (parameters as captured tensors) reuses
+    one graph, and each equals eager flex."""
+    from torch._dynamo.utils import counters
+    from torch.nn.attention.flex_attention import flex_attention
+
+    torch._dynamo.reset()
+    attention_flex._compiled = None
+    fn = attention_flex.compiled_flex()
+    q, k, v = qkv(200, 16, 16, B=1, H=2, dtype=torch.float32)
+    masks = [attention_flex._block_mask("level", 200, lv.size, lv.finer, True, "cpu")
+             for lv in flex_levels(200, (8, 4, 4), (None, 96, 24))]
+    before = counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        got = [fn(q, k, v, block_mask=bm, scale=1.0) for bm in masks]
+        assert counters["stats"]["unique_graphs"] - before == 1  # (eager flex compiles too)
+        for out, bm in zip(got, masks, strict=True):
+            want = flex_attention(q, k, v, block_mask=bm, scale=1.0)
+            torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    attention_flex._compiled = None
+
+
 # ---- CUDA: the compiled kernels, forward and backward -----------------------------------------
 def _grads(fn, inputs, device, dtype):
     xs = [x.detach().to(device, dtype).requires_grad_() for x in inputs]
