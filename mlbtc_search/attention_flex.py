@@ -16,12 +16,13 @@ Which path runs when, and why (``backend``; the env var ``MLBTC_ATTENTION_BACKEN
 the default, for tests and benchmarks only):
 
 - ``auto`` (default): ``flex`` on CUDA, ``regions`` elsewhere. On CUDA ``flex_attention`` is
-  compiled (``torch.compile``, one graph per shape and mask), generating a fused Triton kernel
+  compiled (``torch.compile``; one graph per shape: the mask parameters are captured tensors, so
+  every level of one padded width reuses it), generating a fused Triton kernel
   that never holds a T x T buffer, skips tiles the block mask empties and differentiates through
   both its output and its log-sum-exp, so autograd gives the exact backward of the merge. The
   region kernel (``attention_kernels``) would run its rectangles unfused on CUDA.
-- ``flex`` off CUDA: eager ``flex_attention``, forward only (torch raises NotImplementedError
-  when an input requires grad) and materializing the scores; it exists so that CPU tests check
+- ``flex`` off CUDA: eager ``flex_attention``, forward only (``SpecError`` when an input
+  requires grad) and materializing the scores; it exists so that CPU tests check
   the exact masks, widths and merge that CUDA runs.
 - ``regions``: the region kernel of ``attention_kernels`` on any device.
 
@@ -172,6 +173,9 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask, scale: float) -> tuple[Te
     if q.device.type == "cuda":
         out, lse = compiled_flex()(q, k, v, block_mask=block_mask, scale=scale, return_aux=aux)
         return out, lse.lse
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise SpecError(f"backend 'flex' runs forward-only off CUDA (here {q.device.type}): use "
+                        "torch.no_grad() or backend 'regions'")
     with warnings.catch_warnings():  # eager on purpose (tests): no "use torch.compile" warning
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
         out, lse = fa.flex_attention(q, k, v, block_mask=block_mask, scale=scale, return_aux=aux)

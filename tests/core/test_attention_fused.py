@@ -150,6 +150,9 @@ def test_backend_selection(monkeypatch):
     assert resolve_backend(x, "regions") == "regions"
     with pytest.raises(SpecError, match="backend must be one of auto, regions, flex, got 'x'"):
         resolve_backend(x, "x")
+    q, k, v = qkv(20, 6, 4)
+    with pytest.raises(SpecError, match="backend 'flex' runs forward-only off CUDA"):
+        multilevel_attention(q.requires_grad_(), k, v, (4, 2), (None, 4), backend="flex")
     monkeypatch.setenv(ENV_BACKEND, "cuda")
     with pytest.raises(SpecError, match=f"{ENV_BACKEND} must be one of .* got 'cuda'"):
         resolve_backend(x)
