@@ -1,0 +1,305 @@
+"""Training by rungs: continue a run to a larger budget from its stable-phase checkpoint.
+
+A multi-fidelity search trains an architecture at budget ``C_0``, then (if promoted) at
+``C_1 > C_0``, and so on. With the ``"wsd"`` schedule (warmup, stable, ``1 - sqrt`` cooldown over
+the last 20% of the steps; :mod:`trainers.schedule`) or ``"constant"``, the learning rate of a
+step does not depend on the run's length until its cooldown starts, so the run at ``C_1`` shares
+its first ``S_0`` steps (``S_0`` = the end of ``C_0``'s stable phase) with the run at ``C_0``.
+:func:`train_rung` therefore keeps a :class:`TrainState` at the end of each rung's stable phase
+(weights, AdamW moments, the data generator, counters) and scores the rung after a cooldown
+branched off it; the next rung continues from that state. The result at ``C_1`` is the same,
+bit for bit on the CPU, as an uninterrupted ``"wsd"`` run of ``C_1`` with the same warmup (the
+tests check it against :func:`trainers.train`). ``"cosine"`` depends on the horizon from the
+first step, so under it every rung retrains from scratch.
+
+Warmup: uninterrupted runs warm up over 10% of their steps, which depends on the budget; a rung
+chain fixes it once (``warmup``, usually :func:`rung_warmup` of the lowest rung).
+
+Compute: ``RungRun.spent_flops`` is what this call trained (the stable steps added plus the
+cooldown branch; the whole run when it retrained); ``result.train_flops`` is the compute in the
+trajectory of the model it returns (equal to an uninterrupted run's).
+
+The stepping mirrors :func:`trainers.train.train` statement for statement (same learning-rate
+setting, batch, loss, NaN/divergence checks, clipping); it is a separate loop only until the
+loop there is split into reusable steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mlbtc_search.errors import TrainingError
+from mlbtc_search.model import ModelSpec, build_model, model_flops, model_params
+
+from .schedule import cooldown_steps, lr_factor
+from .tasks import Task
+from .train import (
+    CURVE_POINTS,
+    DIVERGENCE_FACTOR,
+    MAX_WARMUP,
+    StepCosts,
+    TrainConfig,
+    TrainResult,
+    make_optimizer,
+    resolve_spec,
+    train,
+)
+
+CONTINUABLE = ("constant", "wsd")
+STATE_FORMAT = "mlbtc-train-state/1"
+
+
+@dataclass
+class TrainState:
+    """A run paused at the end of a stable phase: enough to continue it exactly."""
+
+    spec_hash: str
+    seed: int
+    schedule: str
+    lr: float
+    batch_size: int
+    warmup: int
+    step: int
+    tokens: int
+    flops: float
+    first_loss: float | None
+    model: dict[str, torch.Tensor] = field(repr=False)
+    optimizer: dict[str, Any] = field(repr=False)
+    data: torch.Tensor = field(repr=False)  # the training data generator's state
+    curve: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+    def _meta(self) -> dict[str, Any]:
+        return {"format": STATE_FORMAT, "spec_hash": self.spec_hash, "seed": self.seed,
+                "schedule": self.schedule, "lr": self.lr, "batch_size": self.batch_size,
+                "warmup": self.warmup, "step": self.step, "tokens": self.tokens,
+                "flops": self.flops, "first_loss": self.first_loss, "curve": self.curve}
+
+    def save(self, path: str | Path) -> None:
+        """One safetensors file: weights, optimizer tensors, generator state; the rest (the
+        optimizer's param groups, counters, curve) as JSON in its metadata. No pickle."""
+        from safetensors.torch import save_file
+
+        tensors = {f"model.{k}": v.contiguous() for k, v in self.model.items()}
+        slots: dict[str, dict[str, Any]] = {}
+        for idx, state in self.optimizer["state"].items():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"optimizer.{idx}.{key}"] = value.contiguous()
+                else:
+                    slots.setdefault(str(idx), {})[key] = value
+        tensors["data"] = self.data.contiguous()
+        meta = {**self._meta(), "param_groups": self.optimizer["param_groups"],
+                "optimizer_scalars": slots}
+        save_file(tensors, str(path), metadata={"mlbtc": json.dumps(meta)})
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainState:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("mlbtc")
+            meta = json.loads(raw) if raw else {}
+            if meta.get("format") != STATE_FORMAT:
+                raise TrainingError(f"{path} is not a training state ({STATE_FORMAT}), got "
+                                    f"format={meta.get('format')!r}")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        state: dict[int, dict[str, Any]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, idx, name = key.split(".", 2)
+                state.setdefault(int(idx), {})[name] = value
+        for idx, scalars in meta.pop("optimizer_scalars").items():
+            state.setdefault(int(idx), {}).update(scalars)
+        optimizer = {"state": state, "param_groups": meta.pop("param_groups")}
+        model = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        meta.pop("format")
+        return cls(**meta, model=model, optimizer=optimizer, data=tensors["data"])
+
+
+@dataclass
+class RungRun:
+    """One rung: its result, the state to continue from (None when it cannot continue), the
+    compute this call spent, and whether it continued from a previous rung's state."""
+
+    result: TrainResult
+    state: TrainState | None
+    spent_flops: float
+    continued: bool
+
+
+def rung_warmup(spec: ModelSpec, task: Task, budget: float, config: TrainConfig) -> int:
+    """The warmup a rung chain keeps: ``config.warmup_steps``, else that of an uninterrupted run
+    at ``budget`` (10% of its steps, at most ``MAX_WARMUP``)."""
+    if config.warmup_steps is not None:
+        return config.warmup_steps
+    total, _ = StepCosts(resolve_spec(spec, task), task, config.batch_size).plan(
+        float(budget), config.max_steps)
+    return min(MAX_WARMUP, total // 10)
+
+
+def _snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return weights, copy.deepcopy(optimizer.state_dict())
+
+
+def train_rung(
+    model_spec: ModelSpec,
+    task: Task,
+    budget_flops: float,
+    seed: int = 0,
+    config: TrainConfig | None = None,
+    *,
+    warmup: int,
+    state: TrainState | None = None,
+) -> RungRun:
+    """Train (or continue ``state`` to) ``budget_flops``; see the module doc.
+
+    A ``state`` from a different spec, seed or optimisation setting, or one past this budget's
+    stable phase, is refused with a TrainingError (the caller retrains without it).
+    """
+    config = config or TrainConfig()
+    if config.schedule not in CONTINUABLE:  # cosine depends on the horizon: retrain
+        result = train(model_spec, task, budget_flops, seed, config)
+        return RungRun(result, None, result.train_flops, False)
+    start = time.perf_counter()
+    spec = resolve_spec(model_spec, task)
+    costs = StepCosts(spec, task, config.batch_size)
+    total, _ = costs.plan(float(budget_flops), config.max_steps)
+    stable_end = total - cooldown_steps(total, warmup, config.schedule)
+    torch.manual_seed(seed)
+    model = build_model(spec).to(config.device)
+    optimizer = make_optimizer(model, spec, config)
+    data = torch.Generator().manual_seed(seed)
+    run = _Loop(task, config, costs, total, warmup, model, optimizer, data)
+    if state is not None:
+        _check_state(state, spec, seed, config, warmup, stable_end)
+        model.load_state_dict(state.model)
+        optimizer.load_state_dict(state.optimizer)
+        data.set_state(state.data)
+        run.step, run.tokens, run.flops = state.step, state.tokens, state.flops
+        run.first_loss, run.curve = state.first_loss, list(state.curve)
+    resumed_flops = run.flops
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    model.train()
+    run.until(stable_end)
+    kept = None
+    if run.status == "ok":
+        weights, opt = _snapshot(model, optimizer)
+        kept = TrainState(spec.hash(), seed, config.schedule, config.lr, config.batch_size,
+                          warmup, run.step, run.tokens, run.flops, run.first_loss, weights, opt,
+                          data.get_state(), list(run.curve))
+        run.until(total)
+    result = run.result(spec, float(budget_flops), seed, time.perf_counter() - start)
+    if result.status != "ok":
+        kept = None
+    return RungRun(result, kept, run.flops - resumed_flops, state is not None)
+
+
+def _check_state(state: TrainState, spec: ModelSpec, seed: int, config: TrainConfig,
+                 warmup: int, stable_end: int) -> None:
+    want = {"spec_hash": spec.hash(), "seed": seed, "schedule": config.schedule,
+            "lr": config.lr, "batch_size": config.batch_size, "warmup": warmup}
+    for key, value in want.items():
+        if getattr(state, key) != value:
+            raise TrainingError(f"cannot continue: the saved state has {key}="
+                                f"{getattr(state, key)!r}, this run needs {value!r}")
+    if state.step > stable_end:
+        raise TrainingError(f"cannot continue: the saved state is at step {state.step}, past "
+                            f"this budget's stable phase ({stable_end} steps)")
+
+
+class _Loop:
+    """The stepping of :func:`trainers.train.train`, resumable between calls of ``until``."""
+
+    def __init__(self, task: Task, config: TrainConfig, costs: StepCosts, total: int,
+                 warmup: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 data: torch.Generator):
+        self.task, self.config, self.costs, self.total, self.warmup = (
+            task, config, costs, total, warmup)
+        self.model, self.optimizer, self.data = model, optimizer, data
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.step = self.tokens = 0
+        self.flops = 0.0
+        self.first_loss: float | None = None
+        self.curve: list[dict[str, Any]] = []
+        self.window: list[float] = []
+        self.status, self.reason = "ok", None
+        self.log_every = max(1, total // CURVE_POINTS)
+
+    def until(self, stop: int) -> None:
+        config, total, device = self.config, self.total, torch.device(self.config.device)
+        try:
+            while self.step < stop:
+                factor = lr_factor(self.step, total, self.warmup, config.schedule)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = config.lr * group["lr_mult"] * factor
+                inputs, targets = self.task.batch("train", config.batch_size, self.data,
+                                                  self.step)
+                inputs, targets = inputs.to(device), targets.to(device)
+                loss = self.task.loss(self.model(inputs), targets)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    self.status = "nan"
+                    self.reason = (f"the training loss became {value} at step {self.step + 1} "
+                                   f"of {total}")
+                    return
+                if self.first_loss is None:
+                    self.first_loss = value
+                if value > DIVERGENCE_FACTOR * max(self.first_loss, 1e-12):
+                    self.status = "diverged"
+                    self.reason = (f"the training loss {value:.4g} at step {self.step + 1} of "
+                                   f"{total} exceeds {DIVERGENCE_FACTOR:g} x the first step's "
+                                   f"{self.first_loss:.4g}")
+                    return
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if config.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(self.params, config.grad_clip)
+                self.optimizer.step()
+                T = inputs.shape[1]
+                self.step += 1
+                self.tokens += config.batch_size * T
+                self.flops += self.costs.at_len(T)
+                self.window.append(value)
+                if self.step % self.log_every == 0 or self.step == total:
+                    self.curve.append({"step": self.step, "tokens": self.tokens,
+                                       "flops": self.flops, "lr": config.lr * factor,
+                                       "train_loss": sum(self.window) / len(self.window)})
+                    self.window = []
+        except KeyboardInterrupt:
+            self.status = "interrupted"
+            self.reason = f"interrupted (KeyboardInterrupt) after step {self.step} of {total}"
+
+    def result(self, spec: ModelSpec, budget: float, seed: int, seconds: float) -> TrainResult:
+        val_loss = metric = math.nan
+        curve = self.curve
+        if self.status in ("ok", "interrupted") and self.step > 0:
+            ev = self.task.evaluate(self.model, batches=self.config.eval_batches,
+                                    batch_size=self.config.eval_batch_size
+                                    or self.config.batch_size, seed=self.config.eval_seed)
+            val_loss, metric = ev["val_loss"], ev["metric"]
+            curve = [*curve, {"step": self.step, "tokens": self.tokens, "flops": self.flops,
+                              "budget_flops": budget, **ev}]
+            if self.status == "ok" and not math.isfinite(val_loss):
+                self.status, self.reason = "nan", f"the validation loss is {val_loss}"
+        self.model.eval()
+        return TrainResult(
+            status=self.status, reason=self.reason, val_loss=float(val_loss),
+            metric=float(metric), metric_name=self.task.metric_name,
+            flops_per_token=float(model_flops(spec, self.task.adapter.seq_len)),
+            params=int(model_params(spec)), steps=self.step, tokens=self.tokens,
+            train_flops=self.flops, budget_flops=budget, seconds=seconds, curve=curve,
+            spec=spec, task={"name": self.task.name, "options": dict(self.task.options)},
+            seed=seed, config=self.config, model=self.model)
+
+
+__all__ = ["CONTINUABLE", "RungRun", "TrainState", "rung_warmup", "train_rung"]
