@@ -209,11 +209,13 @@ class Ladder:
     schedule: RungSchedule
     _results: list[dict[Hashable, RungResult]] = field(default_factory=list, repr=False)
     _promoted: list[set[Hashable]] = field(default_factory=list, repr=False)
+    _closed: set[Hashable] = field(default_factory=set, repr=False)
 
     def __post_init__(self) -> None:
         n = len(self.schedule.budgets)
         self._results = [{} for _ in range(n)]
         self._promoted = [set() for _ in range(n)]
+        self._closed = set()
 
     def _check_rung(self, rung: int) -> None:
         if isinstance(rung, bool) or not isinstance(rung, int) or not (
@@ -255,8 +257,9 @@ class Ladder:
         results = list(self._results[rung].values())
         order = promotion_order([r.point for r in results])
         top = order[: self.schedule.quota(len(results))]
-        return [results[i].trial for i in top
-                if _finite(results[i].point) and results[i].trial not in self._promoted[rung]]
+        return [results[i].trial for i in top if _finite(results[i].point)
+                and results[i].trial not in self._promoted[rung]
+                and results[i].trial not in self._closed]
 
     def next_promotion(self) -> tuple[Hashable, int] | None:
         """``(trial, rung)``: the trial to run at ``rung`` next (marked promoted), looking from
@@ -267,6 +270,35 @@ class Ladder:
                 self._promoted[rung].add(ready[0])
                 return ready[0], rung + 1
         return None
+
+    def close(self, trial: Hashable) -> None:
+        """Never promote ``trial`` again (its Optuna trial was told and cannot change); it still
+        counts and ranks at the rungs it finished."""
+        self._closed.add(trial)
+
+    def max_results(self, future: int) -> list[int]:
+        """An upper bound on the results each rung can still reach, when at most ``future``
+        more results (new trials, and those training now) can arrive at rung 0."""
+        out = [len(self._results[0]) + future]
+        for k in range(1, len(self._results)):
+            out.append(max(len(self._promoted[k - 1]), self.schedule.quota(out[-1])))
+        return out
+
+    def settled(self, trial: Hashable, future: int) -> bool:
+        """Whether ``trial`` will certainly train no further rung: it reached the top rung, or
+        its last rung failed, or more results dominate it there than that rung can ever
+        promote (domination only grows, and a dominated point ranks behind its dominators);
+        ``future`` as in :meth:`max_results`. False while it is promoted and training."""
+        rung = self.highest_rung(trial)
+        if rung is None or trial in self._promoted[rung]:
+            return False
+        mine = self._results[rung][trial]
+        if rung == self.schedule.top or not _finite(mine.point):
+            return True
+        p = mine.point
+        beaten = sum(1 for r in self._results[rung].values() if _finite(r.point) and (
+            r.point[0] <= p[0] and r.point[1] <= p[1] and r.point != p))
+        return beaten >= self.schedule.quota(self.max_results(future)[rung])
 
     # ---- reading ---------------------------------------------------------------------------
     def results(self, rung: int) -> list[RungResult]:
@@ -300,7 +332,38 @@ class Ladder:
         return [len(r) for r in self._results]
 
 
+
+
+def fidelity_settings(budget: Any, budgets: Any, promote: Any, confirm: Any
+                      ) -> tuple[float | None, RungSchedule | None, int]:
+    """The search YAML's ``budget`` / ``budgets`` + ``promote`` / ``confirm`` keys ->
+    ``(budget, schedule, confirm_seeds)``: exactly one of ``budget`` (one fidelity) and
+    ``budgets`` (rungs) must be given; with rungs ``budget`` is the top rung's."""
+    if budget is not None and budgets is not None:
+        raise SpecError("give either budget (one budget) or budgets (rungs of a multi-fidelity "
+                        "search), not both", ("budgets",))
+    if budgets is None:
+        for key, value in (("promote", promote), ("confirm", confirm)):
+            if value is not None:
+                raise SpecError(f"{key} needs budgets: [...] (rungs of a multi-fidelity search)",
+                                (key,))
+        if budget is None:
+            raise SpecError("missing required key 'budget' (training FLOPs per trial), or "
+                            "'budgets' for a multi-fidelity search", ("budget",))
+        return budget, None, 1
+    schedule = RungSchedule.parse(budgets, promote)
+    confirm = {} if confirm is None else confirm
+    if not isinstance(confirm, Mapping) or set(map(str, confirm)) - {"seeds"}:
+        raise SpecError(f"confirm must be a mapping like {{seeds: 3}}, got {confirm!r}",
+                        ("confirm",))
+    seeds = confirm.get("seeds", 1)
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or not 1 <= seeds <= 100:
+        raise SpecError(f"seeds must be an integer in [1, 100], got {seeds!r}",
+                        ("confirm", "seeds"))
+    return schedule.budgets[-1], schedule, seeds
+
+
 __all__ = [
     "DEFAULT_ETA", "Ladder", "RungResult", "RungSchedule", "crowding_distances",
-    "nondominated_ranks", "normalise", "promotion_order",
+    "fidelity_settings", "nondominated_ranks", "normalise", "promotion_order",
 ]

@@ -82,10 +82,10 @@ class TrainState:
                 "warmup": self.warmup, "step": self.step, "tokens": self.tokens,
                 "flops": self.flops, "first_loss": self.first_loss, "curve": self.curve}
 
-    def save(self, path: str | Path) -> None:
-        """One safetensors file: weights, optimizer tensors, generator state; the rest (the
+    def to_bytes(self) -> bytes:
+        """One safetensors blob: weights, optimizer tensors, generator state; the rest (the
         optimizer's param groups, counters, curve) as JSON in its metadata. No pickle."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         tensors = {f"model.{k}": v.contiguous() for k, v in self.model.items()}
         slots: dict[str, dict[str, Any]] = {}
@@ -98,19 +98,25 @@ class TrainState:
         tensors["data"] = self.data.contiguous()
         meta = {**self._meta(), "param_groups": self.optimizer["param_groups"],
                 "optimizer_scalars": slots}
-        save_file(tensors, str(path), metadata={"mlbtc": json.dumps(meta)})
+        return save(tensors, metadata={"mlbtc": json.dumps(meta)})
 
     @classmethod
-    def load(cls, path: str | Path) -> TrainState:
-        from safetensors import safe_open
+    def from_bytes(cls, blob: bytes, what: str = "the state") -> TrainState:
+        from safetensors.torch import load
 
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get("mlbtc")
-            meta = json.loads(raw) if raw else {}
-            if meta.get("format") != STATE_FORMAT:
-                raise TrainingError(f"{path} is not a training state ({STATE_FORMAT}), got "
-                                    f"format={meta.get('format')!r}")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta: dict[str, Any] = {}
+        try:
+            n = int.from_bytes(blob[:8], "little")
+            header = json.loads(blob[8:8 + n])
+            meta = json.loads(header.get("__metadata__", {}).get("mlbtc", "{}"))
+            tensors = load(blob)
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise TrainingError(f"{what} is not a training state ({STATE_FORMAT}): "
+                                f"{' '.join(str(exc).split())[:200]}") from None
+        if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
+            fmt = meta.get("format") if isinstance(meta, dict) else None
+            raise TrainingError(f"{what} is not a training state ({STATE_FORMAT}), got "
+                                f"format={fmt!r}")
         state: dict[int, dict[str, Any]] = {}
         for key, value in tensors.items():
             if key.startswith("optimizer."):
@@ -122,6 +128,13 @@ class TrainState:
         model = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
         meta.pop("format")
         return cls(**meta, model=model, optimizer=optimizer, data=tensors["data"])
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_bytes(self.to_bytes())
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainState:
+        return cls.from_bytes(Path(path).read_bytes(), str(path))
 
 
 @dataclass

@@ -207,3 +207,63 @@ def test_every_promotion_was_in_the_top_fraction_when_made(points, eta):
     results = ladder.results(0)
     order = promotion_order([r.point for r in results])
     assert all(ladder.is_promoted(results[i].trial, 0) for i in order[: len(results) // eta])
+
+
+# ---- settling: when a trial's Optuna trial can be told --------------------------------------
+def test_max_results_bounds_each_rung():
+    ladder = Ladder(RungSchedule((1e11, 3e11, 1e12), eta=3))
+    for t in range(4):
+        ladder.record(t, 0, float(t), 1e6)
+    assert ladder.next_promotion() == (0, 1)
+    # 4 recorded + 5 to come at rung 0: at most 9 -> 3 promoted -> 1 at the top
+    assert ladder.max_results(5) == [9, 3, 1]
+    assert ladder.max_results(0) == [4, 1, 0]
+
+
+def test_settled_only_when_it_can_never_be_promoted():
+    ladder = Ladder(RungSchedule((1e11, 3e11), eta=2))
+    ladder.record("a", 0, 1.0, 1e6)
+    ladder.record("b", 0, 2.0, 2e6)  # dominated by "a"
+    ladder.record("c", 0, 0.5, 4e6)  # on the front with "a"
+    # up to 2 more results: at most 5 -> quota 2; "b" has 1 dominator: it could still go up
+    assert not ladder.settled("b", future=2)
+    ladder.record("d", 0, 1.5, 1.5e6)  # a second dominator of "b"
+    assert ladder.settled("b", future=1)  # at most 5 results, quota 2, 2 dominators
+    assert not ladder.settled("b", future=2)  # 6 results could promote 3
+    # the front {a, c}: both ends, lower loss first; "d" and "b" are dominated by "a"
+    assert [ladder.next_promotion() for _ in range(3)] == [("c", 1), ("a", 1), None]
+    assert not ladder.settled("c", future=0)  # promoted: training at rung 1
+    ladder.record("c", 1, 0.4, 4e6)
+    assert ladder.settled("c", future=0)  # the top rung
+    ladder.record("e", 0, math.nan, 1e6)
+    assert ladder.settled("e", future=5)  # a failed rung never goes up
+
+
+def test_closed_trials_count_but_are_never_promoted():
+    ladder = Ladder(RungSchedule((1e11, 3e11), eta=2))
+    ladder.record("a", 0, 1.0, 1e6)
+    ladder.close("a")
+    ladder.record("b", 0, 2.0, 1e6)
+    assert ladder.promotable(0) == [] and ladder.next_promotion() is None  # quota 1: "a"
+    ladder.record("c", 0, 0.5, 1e6)
+    ladder.record("d", 0, 3.0, 1e6)
+    assert ladder.next_promotion() == ("c", 1)  # quota 2: "c" and "a" (closed)
+    assert ladder.next_promotion() is None
+
+
+def test_fidelity_settings_one_budget_or_rungs():
+    from studies.rungs import fidelity_settings
+
+    assert fidelity_settings(2e11, None, None, None) == (2e11, None, 1)
+    budget, schedule, seeds = fidelity_settings(None, ["1e11", "1e12"], {"eta": 4}, {"seeds": 3})
+    assert (budget, schedule.budgets, schedule.eta, seeds) == (1e12, (1e11, 1e12), 4, 3)
+    for args, match in [
+        ((None, None, None, None), r"budget: missing required key 'budget'"),
+        ((1e11, [1e11], None, None), r"budgets: give either budget"),
+        ((1e11, None, {"eta": 3}, None), r"promote: promote needs budgets"),
+        ((1e11, None, None, {"seeds": 3}), r"confirm: confirm needs budgets"),
+        ((None, [1e11], None, {"seed": 3}), r"confirm: confirm must be a mapping like"),
+        ((None, [1e11], None, {"seeds": True}), r"confirm.seeds: seeds must be an integer"),
+    ]:
+        with pytest.raises(SpecError, match=match):
+            fidelity_settings(*args)
