@@ -44,11 +44,6 @@ MAX_RUNGS = 16
 
 
 def _budget(value: Any, path: tuple) -> float:
-    if isinstance(value, str):  # YAML 1.1 reads 1e11 (no dot) as a string
-        try:
-            value = float(value)
-        except ValueError:
-            pass
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
             0 < value < math.inf):
         raise SpecError(f"a budget must be a positive number of FLOPs (e.g. 1e11), "
@@ -82,7 +77,7 @@ class RungSchedule:
     @classmethod
     def parse(cls, budgets: Any, promote: Any = None) -> RungSchedule:
         """From the YAML values of ``budgets`` and ``promote`` (``None``: ``{eta: 3}``)."""
-        if not isinstance(budgets, list):
+        if not isinstance(budgets, list | tuple):
             raise SpecError(f"budgets must be a list of FLOPs like [1e11, 3e11, 1e12], got "
                             f"{budgets!r}", ("budgets",))
         promote = {} if promote is None else promote
@@ -339,7 +334,8 @@ def fidelity_settings(budget: Any, budgets: Any, promote: Any, confirm: Any
     """The search YAML's ``budget`` / ``budgets`` + ``promote`` / ``confirm`` keys ->
     ``(budget, schedule, confirm_seeds)``: exactly one of ``budget`` (one fidelity) and
     ``budgets`` (rungs) must be given; with rungs ``budget`` is the top rung's."""
-    if budget is not None and budgets is not None:
+    if budget is not None and budgets is not None and not (
+            isinstance(budgets, list | tuple) and budgets and budget == budgets[-1]):
         raise SpecError("give either budget (one budget) or budgets (rungs of a multi-fidelity "
                         "search), not both", ("budgets",))
     if budgets is None:

@@ -23,6 +23,7 @@ promising architectures reach the top rungs, so this is its compute-optimal fron
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -162,6 +163,41 @@ def fit_power_law(budgets: Sequence[float], losses: Sequence[float]) -> PowerLaw
                     max_rel_err=float(np.abs(pred / v - 1.0).max()), holdout_rel_err=holdout)
 
 
+# ---- points from trial records ---------------------------------------------------------------
+def _decoded(value: Any) -> Any:
+    if isinstance(value, str) and value[:1] in ("[", "{"):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return None
+    return value
+
+
+def rung_entries(rec: Any) -> list[dict[str, Any]]:
+    """The finished rungs a :class:`studies.record.TrialRecord` recorded (``[]`` for a
+    single-budget trial)."""
+    rungs = _decoded(rec.extra.get("rungs"))
+    return [r for r in rungs if isinstance(r, dict)] if isinstance(rungs, list) else []
+
+
+def scaling_points(recs: Sequence[Any]) -> list[ScalingPoint]:
+    """Every successful rung, and every confirmation seed, as a point ``(trial, family, C, L)``."""
+    out = []
+    for rec in recs:
+        family = rec.family or "unknown"
+        entries = [r for r in rung_entries(rec) if r.get("status") == "ok"]
+        for r in entries:
+            out.append(ScalingPoint(rec.number, family, float(r["budget_flops"]),
+                                    float(r["val_loss"])))
+        confirm = _decoded(rec.extra.get("confirm"))
+        if entries and isinstance(confirm, dict):
+            top = float(entries[-1]["budget_flops"])
+            for run in confirm.get("runs") or []:
+                if isinstance(run, dict) and run.get("val_loss") is not None:
+                    out.append(ScalingPoint(rec.number, family, top, float(run["val_loss"])))
+    return out
+
+
 # ---- curves, the best structure at a budget, and where families cross ----------------------
 @dataclass(frozen=True)
 class Curve:
@@ -292,5 +328,5 @@ def scaling_report(points: Iterable[ScalingPoint], target: float | None = None,
 
 __all__ = [
     "Curve", "PowerLaw", "ScalingPoint", "ScalingReport", "crossings", "family_envelope",
-    "fit_power_law", "frontier", "scaling_report",
+    "fit_power_law", "frontier", "rung_entries", "scaling_points", "scaling_report",
 ]

@@ -19,36 +19,33 @@ Compute: ``RungRun.spent_flops`` is what this call trained (the stable steps add
 cooldown branch; the whole run when it retrained); ``result.train_flops`` is the compute in the
 trajectory of the model it returns (equal to an uninterrupted run's).
 
-The stepping mirrors :func:`trainers.train.train` statement for statement (same learning-rate
-setting, batch, loss, NaN/divergence checks, clipping); it is a separate loop only until the
-loop there is split into reusable steps.
+The steps are those of :func:`trainers.train.train` (its ``_Run``, stopped at the end of the
+stable phase with ``loop(until=...)``): same learning rates, batches, checks, curve and
+evaluations.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mlbtc_search.errors import TrainingError
-from mlbtc_search.model import ModelSpec, build_model, model_flops, model_params
+from mlbtc_search.model import ModelSpec, model_flops, model_params
 
-from .schedule import cooldown_steps, lr_factor
+from .schedule import cooldown_steps
 from .tasks import Task
 from .train import (
-    CURVE_POINTS,
-    DIVERGENCE_FACTOR,
     MAX_WARMUP,
     StepCosts,
     TrainConfig,
     TrainResult,
-    make_optimizer,
+    _Run,
     resolve_spec,
     train,
 )
@@ -87,12 +84,12 @@ class TrainState:
         optimizer's param groups, counters, curve) as JSON in its metadata. No pickle."""
         from safetensors.torch import save
 
-        tensors = {f"model.{k}": v.contiguous() for k, v in self.model.items()}
+        tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in self.model.items()}
         slots: dict[str, dict[str, Any]] = {}
         for idx, state in self.optimizer["state"].items():
             for key, value in state.items():
                 if isinstance(value, torch.Tensor):
-                    tensors[f"optimizer.{idx}.{key}"] = value.contiguous()
+                    tensors[f"optimizer.{idx}.{key}"] = value.detach().cpu().contiguous()
                 else:
                     slots.setdefault(str(idx), {})[key] = value
         tensors["data"] = self.data.contiguous()
@@ -184,34 +181,36 @@ def train_rung(
         return RungRun(result, None, result.train_flops, False)
     start = time.perf_counter()
     spec = resolve_spec(model_spec, task)
-    costs = StepCosts(spec, task, config.batch_size)
-    total, _ = costs.plan(float(budget_flops), config.max_steps)
-    stable_end = total - cooldown_steps(total, warmup, config.schedule)
-    torch.manual_seed(seed)
-    model = build_model(spec).to(config.device)
-    optimizer = make_optimizer(model, spec, config)
-    data = torch.Generator().manual_seed(seed)
-    run = _Loop(task, config, costs, total, warmup, model, optimizer, data)
+    config = replace(config, warmup_steps=warmup)
+    run = _Run(spec, task, float(budget_flops), seed, config, None)  # train()'s own loop
+    stable_end = run.total - cooldown_steps(run.total, warmup, config.schedule)
     if state is not None:
         _check_state(state, spec, seed, config, warmup, stable_end)
-        model.load_state_dict(state.model)
-        optimizer.load_state_dict(state.optimizer)
-        data.set_state(state.data)
+        run.model.load_state_dict(state.model)
+        run.optimizer.load_state_dict(state.optimizer)
+        run.data.set_state(state.data)
         run.step, run.tokens, run.flops = state.step, state.tokens, state.flops
         run.first_loss, run.curve = state.first_loss, list(state.curve)
     resumed_flops = run.flops
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
-    model.train()
-    run.until(stable_end)
+    run.loop(until=stable_end)
     kept = None
     if run.status == "ok":
-        weights, opt = _snapshot(model, optimizer)
+        weights, opt = _snapshot(run.model, run.optimizer)
         kept = TrainState(spec.hash(), seed, config.schedule, config.lr, config.batch_size,
                           warmup, run.step, run.tokens, run.flops, run.first_loss, weights, opt,
-                          data.get_state(), list(run.curve))
-        run.until(total)
-    result = run.result(spec, float(budget_flops), seed, time.perf_counter() - start)
+                          run.data.get_state(), list(run.curve))
+        run.loop()  # the cooldown branch
+    val_loss, metric = run.final_eval()
+    run.model.eval()
+    result = TrainResult(
+        status=run.status, reason=run.reason, val_loss=float(val_loss), metric=float(metric),
+        metric_name=task.metric_name,
+        flops_per_token=float(model_flops(spec, task.adapter.seq_len)),
+        params=int(model_params(spec)), steps=run.step, tokens=run.tokens,
+        train_flops=run.flops, budget_flops=float(budget_flops),
+        seconds=time.perf_counter() - start, curve=run.curve, spec=spec,
+        task={"name": task.name, "options": dict(task.options)}, seed=seed, config=config,
+        model=run.model)
     if result.status != "ok":
         kept = None
     return RungRun(result, kept, run.flops - resumed_flops, state is not None)
@@ -228,91 +227,6 @@ def _check_state(state: TrainState, spec: ModelSpec, seed: int, config: TrainCon
     if state.step > stable_end:
         raise TrainingError(f"cannot continue: the saved state is at step {state.step}, past "
                             f"this budget's stable phase ({stable_end} steps)")
-
-
-class _Loop:
-    """The stepping of :func:`trainers.train.train`, resumable between calls of ``until``."""
-
-    def __init__(self, task: Task, config: TrainConfig, costs: StepCosts, total: int,
-                 warmup: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 data: torch.Generator):
-        self.task, self.config, self.costs, self.total, self.warmup = (
-            task, config, costs, total, warmup)
-        self.model, self.optimizer, self.data = model, optimizer, data
-        self.params = [p for g in optimizer.param_groups for p in g["params"]]
-        self.step = self.tokens = 0
-        self.flops = 0.0
-        self.first_loss: float | None = None
-        self.curve: list[dict[str, Any]] = []
-        self.window: list[float] = []
-        self.status, self.reason = "ok", None
-        self.log_every = max(1, total // CURVE_POINTS)
-
-    def until(self, stop: int) -> None:
-        config, total, device = self.config, self.total, torch.device(self.config.device)
-        try:
-            while self.step < stop:
-                factor = lr_factor(self.step, total, self.warmup, config.schedule)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = config.lr * group["lr_mult"] * factor
-                inputs, targets = self.task.batch("train", config.batch_size, self.data,
-                                                  self.step)
-                inputs, targets = inputs.to(device), targets.to(device)
-                loss = self.task.loss(self.model(inputs), targets)
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    self.status = "nan"
-                    self.reason = (f"the training loss became {value} at step {self.step + 1} "
-                                   f"of {total}")
-                    return
-                if self.first_loss is None:
-                    self.first_loss = value
-                if value > DIVERGENCE_FACTOR * max(self.first_loss, 1e-12):
-                    self.status = "diverged"
-                    self.reason = (f"the training loss {value:.4g} at step {self.step + 1} of "
-                                   f"{total} exceeds {DIVERGENCE_FACTOR:g} x the first step's "
-                                   f"{self.first_loss:.4g}")
-                    return
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if config.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(self.params, config.grad_clip)
-                self.optimizer.step()
-                T = inputs.shape[1]
-                self.step += 1
-                self.tokens += config.batch_size * T
-                self.flops += self.costs.at_len(T)
-                self.window.append(value)
-                if self.step % self.log_every == 0 or self.step == total:
-                    self.curve.append({"step": self.step, "tokens": self.tokens,
-                                       "flops": self.flops, "lr": config.lr * factor,
-                                       "train_loss": sum(self.window) / len(self.window)})
-                    self.window = []
-        except KeyboardInterrupt:
-            self.status = "interrupted"
-            self.reason = f"interrupted (KeyboardInterrupt) after step {self.step} of {total}"
-
-    def result(self, spec: ModelSpec, budget: float, seed: int, seconds: float) -> TrainResult:
-        val_loss = metric = math.nan
-        curve = self.curve
-        if self.status in ("ok", "interrupted") and self.step > 0:
-            ev = self.task.evaluate(self.model, batches=self.config.eval_batches,
-                                    batch_size=self.config.eval_batch_size
-                                    or self.config.batch_size, seed=self.config.eval_seed)
-            val_loss, metric = ev["val_loss"], ev["metric"]
-            curve = [*curve, {"step": self.step, "tokens": self.tokens, "flops": self.flops,
-                              "budget_flops": budget, **ev}]
-            if self.status == "ok" and not math.isfinite(val_loss):
-                self.status, self.reason = "nan", f"the validation loss is {val_loss}"
-        self.model.eval()
-        return TrainResult(
-            status=self.status, reason=self.reason, val_loss=float(val_loss),
-            metric=float(metric), metric_name=self.task.metric_name,
-            flops_per_token=float(model_flops(spec, self.task.adapter.seq_len)),
-            params=int(model_params(spec)), steps=self.step, tokens=self.tokens,
-            train_flops=self.flops, budget_flops=budget, seconds=seconds, curve=curve,
-            spec=spec, task={"name": self.task.name, "options": dict(self.task.options)},
-            seed=seed, config=self.config, model=self.model)
 
 
 __all__ = ["CONTINUABLE", "RungRun", "TrainState", "rung_warmup", "train_rung"]

@@ -48,7 +48,7 @@ def test_ranks_equal_brute_force_peeling(points):
 
 # ---- the schedule -------------------------------------------------------------------------
 def test_schedule_parses_yaml_values():
-    s = RungSchedule.parse(["1e11", 3e11, 10**12], {"eta": 3})
+    s = RungSchedule.parse([1e11, 3e11, 10**12], {"eta": 3})
     assert s.budgets == (1e11, 3e11, 1e12) and s.eta == 3 and s.top == 2
     assert RungSchedule.parse([1e11]).eta == 3
     assert RungSchedule(**{"budgets": tuple(s.to_dict()["budgets"]),
@@ -255,11 +255,11 @@ def test_fidelity_settings_one_budget_or_rungs():
     from studies.rungs import fidelity_settings
 
     assert fidelity_settings(2e11, None, None, None) == (2e11, None, 1)
-    budget, schedule, seeds = fidelity_settings(None, ["1e11", "1e12"], {"eta": 4}, {"seeds": 3})
+    budget, schedule, seeds = fidelity_settings(None, [1e11, 1e12], {"eta": 4}, {"seeds": 3})
     assert (budget, schedule.budgets, schedule.eta, seeds) == (1e12, (1e11, 1e12), 4, 3)
     for args, match in [
         ((None, None, None, None), r"budget: missing required key 'budget'"),
-        ((1e11, [1e11], None, None), r"budgets: give either budget"),
+        ((1e11, [1e12], None, None), r"budgets: give either budget"),
         ((1e11, None, {"eta": 3}, None), r"promote: promote needs budgets"),
         ((1e11, None, None, {"seeds": 3}), r"confirm: confirm needs budgets"),
         ((None, [1e11], None, {"seed": 3}), r"confirm: confirm must be a mapping like"),
