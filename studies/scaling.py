@@ -23,7 +23,6 @@ promising architectures reach the top rungs, so this is its compute-optimal fron
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -164,20 +163,10 @@ def fit_power_law(budgets: Sequence[float], losses: Sequence[float]) -> PowerLaw
 
 
 # ---- points from trial records ---------------------------------------------------------------
-def _decoded(value: Any) -> Any:
-    if isinstance(value, str) and value[:1] in ("[", "{"):
-        try:
-            return json.loads(value)
-        except ValueError:
-            return None
-    return value
-
-
 def rung_entries(rec: Any) -> list[dict[str, Any]]:
     """The finished rungs a :class:`studies.record.TrialRecord` recorded (``[]`` for a
     single-budget trial)."""
-    rungs = _decoded(rec.extra.get("rungs"))
-    return [r for r in rungs if isinstance(r, dict)] if isinstance(rungs, list) else []
+    return [r for r in rec.rungs or [] if isinstance(r, dict)]
 
 
 def scaling_points(recs: Sequence[Any]) -> list[ScalingPoint]:
@@ -189,7 +178,7 @@ def scaling_points(recs: Sequence[Any]) -> list[ScalingPoint]:
         for r in entries:
             out.append(ScalingPoint(rec.number, family, float(r["budget_flops"]),
                                     float(r["val_loss"])))
-        confirm = _decoded(rec.extra.get("confirm"))
+        confirm = rec.confirm
         if entries and isinstance(confirm, dict):
             top = float(entries[-1]["budget_flops"])
             for run in confirm.get("runs") or []:
