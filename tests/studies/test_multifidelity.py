@@ -49,6 +49,8 @@ def test_yaml_keys_budgets_promote_confirm(tmp_path):
         load_space(mf_space(tmp_path / "s3.yaml", promote={"eta": 1}))
     with pytest.raises(SpecError, match=r"confirm.seeds: seeds must be an integer in \[1, 100\]"):
         load_space(mf_space(tmp_path / "s4.yaml", confirm={"seeds": 0}))
+    with pytest.raises(SpecError, match=r"seeds: seeds > 1 is not supported with budgets"):
+        load_space(mf_space(tmp_path / "s5.yaml", seeds=2))
 
 
 @pytest.mark.slow
