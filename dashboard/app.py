@@ -33,11 +33,12 @@ from mlbtc_search.errors import MlbtcError, UsageError
 from studies.record import json_safe
 from studies.storage import storage_label
 
-from . import architecture, data, figures, pages
+from . import architecture, data, figures, pages, scaling
 from .store import StudyEntry, TrialCache, find_study, list_studies, load_trial, open_reader
 
 log = logging.getLogger(__name__)
 _STUDY = re.compile(r"^/study/(?P<name>[^/]+)/?$")
+_SCALING = re.compile(r"^/study/(?P<name>[^/]+)/scaling/?$")
 _TRIAL = re.compile(r"^/study/(?P<name>[^/]+)/trial/(?P<number>[0-9]{1,9})/?$")
 
 
@@ -95,6 +96,9 @@ class Dashboard:
             m = _TRIAL.match(path)
             if m:
                 return self.trial_page(unquote(m["name"]), int(m["number"]))
+            m = _SCALING.match(path)
+            if m:
+                return self.scaling_page(unquote(m["name"]))
             m = _STUDY.match(path)
             if m:
                 return self.study_page(unquote(m["name"]))
@@ -107,6 +111,12 @@ class Dashboard:
         names = [s.name for s in list_studies(self.storage)]
         return pages.study_page(study.study_id, study.name,
                                 pages.study_subtitle(study.info, study.directions), names)
+
+    def scaling_page(self, name: str) -> Any:
+        """Loss against training FLOPs with the fitted scaling laws (multi-fidelity studies)."""
+        study = find_study(self.storage, name)
+        records, _ = self.views.cache.trials(study.study_id)
+        return scaling.scaling_page(study.name, *scaling.report_for(records))
 
     def study_data(self, study_id: int, families: list[str] | None,
                    states: list[str] | None, color_by: str | None = None,

@@ -214,6 +214,8 @@ def study_page(study_id: int, name: str, subtitle: str,
         crumbs(("Studies", "/"), (name, None)),
         html.H1(name, className="study-name"),
         html.P(subtitle, className="lead"),
+        html.P(html.A("Scaling laws (multi-fidelity studies)",
+                      href=study_path(name) + "/scaling"), className="note"),
         html.Div(id="study-cards", className="cards"),
         _section("Pareto front", html.Div([
             dcc.Dropdown(id="color-by", placeholder="colour: family", className="filter"),

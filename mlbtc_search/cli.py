@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
                                 parser_class=_Parser)
     command = functools.partial(sub.add_parser, parents=[verbose])
-    for add in (_inspect, _train, _search, _studies, _pareto, _importance, _export,
+    for add in (_inspect, _train, _search, _studies, _pareto, _importance, _export, _scaling,
                 _dashboard):
         add(command)
     return parser
@@ -197,6 +197,16 @@ def _export(command: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--format", choices=["safetensors", "exported-program", "onnx"],
                    default="safetensors", help="extra model format besides safetensors")
     p.set_defaults(run=_lazy("studies.cli:export"))
+
+
+def _scaling(command: Callable[..., argparse.ArgumentParser]) -> None:
+    p = command("scaling", help="scaling laws L(C) = E + A C^-alpha of a multi-fidelity study")
+    p.add_argument("study", help="study name")
+    _storage(p)
+    p.add_argument("--at", type=_positive_float, metavar="FLOPS",
+                   help="training budget to predict at (default: 10 x the largest budget)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(run=_lazy("studies.scaling_cli:scaling"))
 
 
 def _dashboard(command: Callable[..., argparse.ArgumentParser]) -> None:

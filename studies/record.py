@@ -186,6 +186,10 @@ class TrialRecord:
     weights_artifact_id: str | None = None
     curve_artifact_id: str | None = None
     curve: list[dict[str, Any]] | None = None  # a lazy attr: None when not read
+    rungs: list[dict[str, Any]] | None = None  # multi-fidelity: one entry per finished rung,
+    rung: int | None = None  # the highest good rung, the trial's compute over all rungs,
+    spent_flops: float | None = None  # and the confirmation seeds (docs/scaling.md)
+    confirm: dict[str, Any] | None = None
     node: str | None = None
     host: str | None = None
     pid: int | None = None
@@ -242,6 +246,9 @@ class TrialRecord:
             weights_artifact_id=_str(ua.get("weights_artifact_id")),
             curve_artifact_id=_str(ua.get("curve_artifact_id")),
             curve=ua["curve"] if isinstance(ua.get("curve"), list) else None,
+            rungs=ua["rungs"] if isinstance(ua.get("rungs"), list) else None,
+            rung=_int(ua.get("rung")), spent_flops=_num(ua.get("spent_flops")),
+            confirm=ua["confirm"] if isinstance(ua.get("confirm"), dict) else None,
             node=_str(ua.get("node")), host=_str(ua.get("host")), pid=_int(ua.get("pid")),
             sampled=dict(sampled or {}), started=started, completed=completed,
             trial_id=trial_id,

@@ -19,12 +19,13 @@ from mlbtc_search.errors import SpecError, UsageError
 
 TOP_KEYS = ("name", "task", "budget", "objectives", "sampler", "trials", "workers",
             "resources", "storage", "seed", "seeds", "train", "constraints", "baselines",
-            "space")
-REQUIRED = ("task", "budget", "space")
+            "space", "budgets", "promote", "confirm")
+REQUIRED = ("task", "space")  # and budget, or budgets (studies.rungs.fidelity_settings)
 DEFAULTS: dict[str, Any] = {
     "objectives": ["val_loss", "flops_per_token"], "sampler": {"name": "tpe"}, "trials": 20,
     "workers": 1, "resources": {"cpus": 1.0, "gpus": 0.0}, "storage": None, "seed": 0,
-    "seeds": 1, "train": {}, "constraints": {}, "baselines": [],
+    "seeds": 1, "train": {}, "constraints": {}, "baselines": [], "budget": None,
+    "budgets": None, "promote": None, "confirm": None,
 }
 OVERRIDES = ("trials", "workers", "storage", "name", "budget", "seeds")
 OBJECTIVES = ("val_loss", "flops_per_token", "params", "kv_cache_bytes", "latency")
@@ -78,15 +79,26 @@ def resolve_settings(data: Any, overrides: Mapping[str, Any] | None,
 def normalize(s: Mapping[str, Any]) -> dict[str, Any]:
     """Check every setting except ``space`` and ``baselines`` (they need the compiled tree) and
     return them in canonical form; idempotent."""
+    from .rungs import fidelity_settings
+
     seed = check_int(s["seed"], ("seed",), "seed", 0)
+    budget, rungs, confirm = fidelity_settings(s["budget_flops"], s.get("budgets"),
+                                               s.get("promote"), s.get("confirm"))
+    seeds = check_int(s["seeds"], ("seeds",), "seeds")
+    if rungs is not None and seeds > 1:
+        raise SpecError("seeds > 1 is not supported with budgets (rungs): a multi-fidelity "
+                        "search retrains its final front with confirm: {seeds: N}", ("seeds",))
     return {
         "name": _name(s["name"]), "task": _task(s["task"]),
-        "budget_flops": _positive(s["budget_flops"], ("budget",), "budget"),
+        "budget_flops": _positive(budget, ("budget",), "budget"),
+        "budgets": None if rungs is None else rungs.budgets,
+        "promote": None if rungs is None else {"eta": rungs.eta},
+        "confirm": None if rungs is None else {"seeds": confirm},
         "objectives": _objectives(s["objectives"]), "sampler": _sampler(s["sampler"], seed),
         "trials": check_int(s["trials"], ("trials",), "trials"),
         "workers": check_int(s["workers"], ("workers",), "workers"),
         "resources": _resources(s["resources"]), "storage": _storage(s["storage"]),
-        "seed": seed, "seeds": check_int(s["seeds"], ("seeds",), "seeds"),
+        "seed": seed, "seeds": seeds,
         "train": _train(s["train"]), "constraints": _constraints(s["constraints"]),
     }
 

@@ -51,6 +51,7 @@ from mlbtc_search.model import (
 )
 from mlbtc_search.yamlio import Located, load_yaml
 
+from .rungs import DEFAULT_ETA, RungSchedule
 from .sampling import (
     Leaf,
     Node,
@@ -115,6 +116,9 @@ class SearchSpace:
     space: dict  # the ``space:`` tree as written (dotted keys allowed)
     source: str = "<dict>"
     located: Located | None = field(default=None, repr=False, compare=False)  # for file:line
+    budgets: tuple[float, ...] | None = None  # rungs of a multi-fidelity search, with
+    promote: dict | None = None  # {eta}, and
+    confirm: dict | None = None  # {seeds} (docs/scaling.md)
 
     def __post_init__(self) -> None:
         settings = {k: getattr(self, k) for k in _SETTINGS}
@@ -160,7 +164,21 @@ class SearchSpace:
             "constraints": dict(self.constraints),
             "baselines": [copy.deepcopy(b) for b in self.baselines],
             "space": expand(copy.deepcopy(self.space)),
+            **({"budgets": list(self.budgets), "promote": dict(self.promote or {}),
+                "confirm": dict(self.confirm or {})} if self.budgets else {}),
         }
+
+    @property
+    def rungs(self) -> RungSchedule | None:
+        """The budget rungs of a multi-fidelity search (None for one budget)."""
+        if self.budgets is None:
+            return None
+        return RungSchedule(self.budgets, (self.promote or {}).get("eta", DEFAULT_ETA))
+
+    @property
+    def confirm_seeds(self) -> int:
+        """Seeds the final front is trained with at the top rung (1: no confirmation)."""
+        return int((self.confirm or {}).get("seeds", 1))
 
     def hash(self) -> str:
         """Hash of the ``space:`` tree only: equal hashes, equal Optuna param distributions."""
@@ -184,7 +202,8 @@ class SearchSpace:
 
 
 _SETTINGS = ("name", "task", "budget_flops", "objectives", "sampler", "trials", "workers",
-             "resources", "storage", "seed", "seeds", "train", "constraints")
+             "resources", "storage", "seed", "seeds", "train", "constraints", "budgets",
+             "promote", "confirm")
 
 
 @dataclass(frozen=True)

@@ -223,7 +223,8 @@ class Recorder:
 
     def reap_stale(self) -> list[int]:
         """Fail the trials a killed driver left RUNNING; re-enqueue each once."""
-        stale = [t for t in self._trials if t.state == TrialState.RUNNING]
+        stale = [t for t in self._trials if t.state == TrialState.RUNNING
+                 and "rungs" not in t.user_attrs]  # multi-fidelity trials resume instead
         study_id = self.storage.get_study_id_from_name(self.study.study_name)
         for t in stale:
             retry = t.user_attrs.get("retry_of") is None
