@@ -120,7 +120,7 @@ class TrialCache:
         keeps trials whose insert committed late (concurrent PostgreSQL writers)."""
         import sqlalchemy as sa
 
-        trials, values, attrs = self._tables
+        trials, values, attrs, params = self._tables
         engine = self.storage.engine
         with engine.connect() as conn:
             if engine.dialect.name == "postgresql":
@@ -144,6 +144,9 @@ class TrialCache:
                 attrs.c.trial_id, attrs.c.key, attrs.c.value_json
             ).where(attrs.c.trial_id.in_(which), attrs.c.key.not_in(LAZY_ATTRS))
                 .order_by(attrs.c.trial_user_attribute_id)).all()
+            param_rows = conn.execute(sa.select(
+                params.c.trial_id, params.c.param_name, params.c.param_value,
+                params.c.distribution_json).where(params.c.trial_id.in_(which))).all()
         rows = fresh
         # Decoding happens after the connection is returned: no lock is held meanwhile.
         vals: dict[int, dict[int, float]] = {}
@@ -152,13 +155,17 @@ class TrialCache:
         user: dict[int, dict[str, Any]] = {}
         for tid, key, blob in attr_rows:
             user.setdefault(tid, {})[key] = _loads(blob)
+        sampled: dict[int, dict[str, Any]] = {}
+        for tid, name, value, dist in param_rows:  # Optuna's internal repr -> the sampled value
+            sampled.setdefault(tid, {})[name] = _param(value, dist)
         for r in rows:
             v = vals.get(r.trial_id)
             seen[r.trial_id] = _name(r.state)
             known[r.trial_id] = TrialRecord.from_parts(
                 number=r.number, optuna_state=_name(r.state),
                 values=[v[k] for k in sorted(v)] if v else None,
-                user_attrs=user.get(r.trial_id, {}), started=_local(r.datetime_start),
+                user_attrs=user.get(r.trial_id, {}), sampled=sampled.get(r.trial_id, {}),
+                started=_local(r.datetime_start),
                 completed=_local(r.datetime_complete), trial_id=r.trial_id)
         return True
 
@@ -185,14 +192,22 @@ except ImportError:  # pragma: no cover - depends on the environment
     _fast_loads = None
 
 
-def _tables(storage: RDBStorage) -> tuple[Any, Any, Any]:
-    """Optuna's trial, value and user-attribute tables, reflected from the database."""
+def _param(value: float, distribution_json: str) -> Any:
+    """A sampled parameter as Optuna's public API gives it (categoricals by their choice)."""
+    from optuna.distributions import json_to_distribution
+
+    return json_to_distribution(distribution_json).to_external_repr(value)
+
+
+def _tables(storage: RDBStorage) -> tuple[Any, Any, Any, Any]:
+    """Optuna's trial, value, user-attribute and parameter tables, reflected from the
+    database."""
     import sqlalchemy as sa
 
     meta = sa.MetaData()
     try:
         return tuple(sa.Table(name, meta, autoload_with=storage.engine) for name in (
-            "trials", "trial_values", "trial_user_attributes"))  # type: ignore[return-value]
+            "trials", "trial_values", "trial_user_attributes", "trial_params"))  # type: ignore[return-value]
     except sa.exc.SQLAlchemyError as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UsageError(f"the storage has no Optuna trial tables ({first[:200]}); is it a "

@@ -28,13 +28,13 @@ from studies.storage import read_artifact
 
 
 def _expected(storage, study, t) -> TrialRecord:
-    """What the fast reader must return for ``t``: its record, without the lazy curve and
-    the sampled params (the dashboard reads neither in bulk)."""
+    """What the fast reader must return for ``t``: its record, without the lazy curve (the
+    sampled params are read: the dashboard's importances need them)."""
     import dataclasses
 
     trial_id = storage.get_trial_id_from_study_id_trial_number(
         storage.get_study_id_from_name(study.study_name), t.number)
-    return dataclasses.replace(TrialRecord.from_trial(t, trial_id), curve=None, sampled={})
+    return dataclasses.replace(TrialRecord.from_trial(t, trial_id), curve=None)
 
 
 def _fill(storage, tmp_path: Path) -> optuna.Study:
@@ -47,8 +47,16 @@ def _fill(storage, tmp_path: Path) -> optuna.Study:
     add_trial(study, "failed", tiny_spec("mlr"), flops=4e3, reason="loss is NaN",
               val_loss=math.nan)
     add_trial(study, "running", tiny_spec("bilinear_btt"), flops=6e3)
-    study.add_trial(optuna.trial.create_trial(values=[math.inf, 7e3], user_attrs={
-        "status": "ok", "family": "standard"}))
+    study.add_trial(optuna.trial.create_trial(
+        values=[math.inf, 7e3], user_attrs={"status": "ok", "family": "standard"},
+        params={"attention.kind": "mlr", "width": 64, "train.lr": 3e-3,
+                "attention.ranks": "[4,2,1,1]"},
+        distributions={
+            "attention.kind": optuna.distributions.CategoricalDistribution(["standard", "mlr"]),
+            "width": optuna.distributions.IntDistribution(16, 128),
+            "train.lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True),
+            "attention.ranks": optuna.distributions.CategoricalDistribution(
+                ["[4,2,1,1]", "[2,2,2,2]"])}))
     return study
 
 
@@ -72,6 +80,8 @@ def test_fast_reader_returns_what_optuna_returns(storage_url, tmp_path):
             if key != "val_loss":
                 assert getattr(r, key) == getattr(want, key), key
     assert records[5].values == (math.inf, 7e3)
+    assert records[5].sampled == {"attention.kind": "mlr", "width": 64, "train.lr": 3e-3,
+                                  "attention.ranks": "[4,2,1,1]"}
     full = load_trial(reader, info.study_id, 0)
     assert full.curve == TrialRecord.from_trial(expected[0]).curve and full.curve
     with pytest.raises(UsageError, match="no trial 99"):
