@@ -117,6 +117,17 @@ def connect_ray(space: SearchSpace, address: str | None) -> bool:
     return True
 
 
+def _check_gpus(space: SearchSpace) -> None:
+    """A one-line UsageError when trials reserve GPUs the cluster does not have (Ray would leave
+    them pending for ever)."""
+    import ray
+
+    want, have = space.resources["gpus"], ray.cluster_resources().get("GPU", 0.0)
+    if want > 0 and have < want:
+        raise UsageError(f"resources.gpus={want:g} per trial, but the Ray cluster has {have:g} "
+                         "GPUs; use resources.gpus: 0 (CPU trials) or a machine with a GPU")
+
+
 def _remote_run_trial(space: SearchSpace) -> Any:
     import ray
 
@@ -201,6 +212,7 @@ def run_search(space: SearchSpace, storage_url: str | None = None, address: str 
         try:
             if recorder.counts.done < space.trials and not stop.requested:
                 started_ray = connect_ray(space, address)
+                _check_gpus(space)
                 remote = _remote_run_trial(space)
             while not stop.requested:
                 while (not stop.requested and not exhausted and len(in_flight) < space.workers

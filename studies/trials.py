@@ -299,7 +299,7 @@ class Recorder:
         return {
             "trial": p.trial.number, "spec": p.candidate.spec.to_dict(), "task": self.space.task,
             "budget_flops": self.space.budget_flops, "seed": self.space.seed, "train": train,
-            "threads": int(train.get("threads") or max(1, int(cpus))),
+            "threads": int(train.get("threads") or max(1, int(cpus))), "gpus": gpus,
             "objectives": list(self.space.objectives), "hook": hook,
         }
 

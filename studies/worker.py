@@ -10,6 +10,11 @@ state dict, for status ``ok``), ``cpu_s`` (process CPU seconds of the training: 
 wall time it shows how much of a core the trial got), ``latency_s`` (when the objectives ask for
 it), and where it ran: ``node`` (Ray node id), ``host``, ``pid``.
 
+GPU trials (``payload["gpus"]`` > 0, device ``cuda``): Ray's fractional GPUs are bookkeeping only,
+so the worker caps its CUDA caching allocator a little under its share
+(:func:`trainers.device.cap_memory`); running out of memory then fails the trial with a one-line
+reason that names the share and the cap instead of taking the other trials on the GPU down.
+
 Test hook: a payload ``hook`` ``{"sleep_s": S, "pid_dir": D}`` (set by the driver from the
 ``MLBTC_TEST_TRIAL_HOOK`` environment variable for one trial number) writes ``D/trial-N.pid`` and
 sleeps ``S`` seconds before training, so tests can kill a worker mid-trial.
@@ -60,12 +65,17 @@ def measure_latency(model: Any, task: Any, device: str) -> float:
 
     inputs, _ = task.batch("val", 1, torch.Generator().manual_seed(0))
     inputs = inputs.to(device)
+    cuda = torch.device(device).type == "cuda"
     times = []
     with torch.no_grad():
         model(inputs)  # warm-up
         for _ in range(LATENCY_REPEATS):
+            if cuda:
+                torch.cuda.synchronize()
             start = time.perf_counter()
             model(inputs)
+            if cuda:  # kernels run asynchronously: wait for them
+                torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
 
@@ -73,11 +83,13 @@ def measure_latency(model: Any, task: Any, device: str) -> float:
 def run_trial(payload: dict[str, Any]) -> dict[str, Any]:
     """Train one trial (see the module doc); never raises for a training problem."""
     where = _where()
+    fraction, cap = float(payload.get("gpus") or 0.0), None
     try:
         import safetensors.torch
         import torch
 
         from mlbtc_search.model import ModelSpec
+        from trainers.device import cap_memory, resolve_device
         from trainers.tasks import get_task
         from trainers.train import TrainConfig, train
 
@@ -86,6 +98,7 @@ def run_trial(payload: dict[str, Any]) -> dict[str, Any]:
         task = get_task(payload["task"]["name"], **payload["task"].get("options", {}))
         spec = ModelSpec.from_dict(payload["spec"])
         config = TrainConfig(**payload.get("train", {}))
+        cap = cap_memory(fraction, resolve_device(config.device))
         cpu = time.process_time()
         result = train(spec, task, float(payload["budget_flops"]), seed=int(payload["seed"]),
                        config=config)
@@ -94,14 +107,26 @@ def run_trial(payload: dict[str, Any]) -> dict[str, Any]:
         if result.status == "ok":
             out["weights"] = safetensors.torch.save(result.state_dict())
             if "latency" in payload.get("objectives", ()):
-                out["latency_s"] = measure_latency(result.model, task, config.device)
+                out["latency_s"] = measure_latency(result.model, task,
+                                                   next(result.model.parameters()).device)
         return out
     except KeyboardInterrupt:
         return {**where, "error": "interrupted"}
     except Exception as exc:  # noqa: BLE001 - reported to the driver, recorded on the trial
+        oom = _oom_reason(exc, cap, fraction)
+        if oom is not None:
+            return {**where, "error": oom}
         detail = " ".join(str(exc).split()) or "".join(
             traceback.format_exception_only(type(exc), exc)).strip()
         return {**where, "error": f"{type(exc).__name__}: {detail}"}
+
+
+def _oom_reason(exc: BaseException, cap: float | None, fraction: float) -> str | None:
+    try:
+        from trainers.device import oom_reason
+    except ImportError:  # torch itself failed to import: not an OOM
+        return None
+    return oom_reason(exc, cap, fraction)
 
 
 __all__ = ["run_trial", "measure_latency"]

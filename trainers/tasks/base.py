@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import abc
 import os
+import warnings
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,8 +120,11 @@ class Task(abc.ABC):
         key = (name, device)
         if key not in cache:
             if isinstance(data, np.ndarray):
-                array = data.view(np.int16) if data.dtype == np.uint16 else data
-                data = torch.from_numpy(np.ascontiguousarray(array))
+                array = np.ascontiguousarray(data.view(np.int16) if data.dtype == np.uint16
+                                             else data)
+                with warnings.catch_warnings():  # a read-only memmap: the tensor is never written
+                    warnings.simplefilter("ignore", UserWarning)
+                    data = torch.from_numpy(array)
             cache[key] = data.to(device)
         return cache[key]
 
