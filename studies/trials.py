@@ -323,7 +323,7 @@ class Recorder:
             "duration_s": res["seconds"], "wall_s": wall, "code_version": self.version,
             "train_status": res["status"],
         }
-        for key in ("latency_s", "cpu_s"):
+        for key in ("latency_s", "cpu_s", "gpu"):
             if key in out:
                 attrs[key] = out[key]
         loss = res.get("val_loss")

@@ -6,9 +6,12 @@ storage (the driver is its only writer). Errors inside training come back as
 ``{"error": "..."}``; only a dead worker process makes the Ray call itself fail.
 
 Returned dict: ``result`` (``TrainResult.to_json()``), ``weights`` (safetensors bytes of the
-state dict, for status ``ok``), ``cpu_s`` (process CPU seconds of the training: compared with its
-wall time it shows how much of a core the trial got), ``latency_s`` (when the objectives ask for
-it), and where it ran: ``node`` (Ray node id), ``host``, ``pid``.
+state dict, for status ``ok``), ``gpu`` (for GPU trials: ``share`` of the GPU, allocator
+``cap_bytes``, device ``name``, and the wall-clock ``start``/``end`` of the worker call, which
+show whether trials really shared the GPU at the same time), ``cpu_s`` (process CPU seconds of
+the training: compared with its wall time it shows how much of a core the trial got),
+``latency_s`` (when the objectives ask for it), and where it ran: ``node`` (Ray node id),
+``host``, ``pid``.
 
 GPU trials (``payload["gpus"]`` > 0, device ``cuda``): Ray's fractional GPUs are bookkeeping only,
 so the worker caps its CUDA caching allocator a little under its share
@@ -83,7 +86,7 @@ def measure_latency(model: Any, task: Any, device: str) -> float:
 def run_trial(payload: dict[str, Any]) -> dict[str, Any]:
     """Train one trial (see the module doc); never raises for a training problem."""
     where = _where()
-    fraction, cap = float(payload.get("gpus") or 0.0), None
+    fraction, cap, start = float(payload.get("gpus") or 0.0), None, time.time()
     try:
         import safetensors.torch
         import torch
@@ -104,11 +107,14 @@ def run_trial(payload: dict[str, Any]) -> dict[str, Any]:
                        config=config)
         out: dict[str, Any] = {**where, "result": result.to_json(),
                                "cpu_s": time.process_time() - cpu}
+        device = next(result.model.parameters()).device
+        if device.type == "cuda":
+            out["gpu"] = {"share": fraction, "cap_bytes": cap, "start": start,
+                          "name": torch.cuda.get_device_name(device), "end": time.time()}
         if result.status == "ok":
             out["weights"] = safetensors.torch.save(result.state_dict())
             if "latency" in payload.get("objectives", ()):
-                out["latency_s"] = measure_latency(result.model, task,
-                                                   next(result.model.parameters()).device)
+                out["latency_s"] = measure_latency(result.model, task, device)
         return out
     except KeyboardInterrupt:
         return {**where, "error": "interrupted"}
