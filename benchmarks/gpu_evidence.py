@@ -291,7 +291,7 @@ def run_job(job: dict) -> dict:
             "metric_name": res.metric_name, "val_loss": res.val_loss, "steps": res.steps,
             "train_flops": res.train_flops, "flops_per_token": res.flops_per_token,
             "params": res.params, "train_s": res.seconds, "start_s": t1 - t0,
-            "device": name, "spec": spec.to_dict(),
+            "device": name, "spec": spec.to_dict(), "task": job["task"],
             "curve": [{k: c.get(k) for k in ("step", "flops", "metric", "val_loss")}
                       for c in res.curve if c.get("metric") is not None]}
 

@@ -135,8 +135,9 @@ def throughput_table(results: dict[str, dict]) -> list[str]:
         lines.append(f"| {g['device']} | {g['concurrency']} | {g['ok']}/{g['trials']} | "
                      f"{g['wall_s']:.0f} | {tph:,.0f} | {g['train_flops'] / g['wall_s']:.3g} | "
                      f"{start:.1f} | {train:.1f} |")
-    if cpu and cpu["ok"]:
-        best = max(groups, key=lambda g: g["ok"] / g["wall_s"])
+    gpu = [g for g in groups if g is not cpu and g["ok"]]
+    if cpu and cpu["ok"] and gpu:
+        best = max(gpu, key=lambda g: g["ok"] / g["wall_s"])
         ratio = (best["ok"] / best["wall_s"]) / (cpu["ok"] / cpu["wall_s"])
         lines += ["", f"Best: {best['device']} x{best['concurrency']}, {ratio:.1f}x the trials "
                       "per hour of the 2-core CPU."]
@@ -170,7 +171,10 @@ def icl_table(results: dict[str, dict], out: Path) -> list[str]:
         lines += ["", f"Paper's target (8-head standard >= 0.5 while BTT/MLR <= 0.1): "
                       f"{'reproduced' if hit else 'NOT reproduced'} (8-head standard "
                       f"{std8:.3f}; " + ", ".join(f"{n} {means[n]:.3f}" for n in solved) + ")."]
-    _plot_curves(by, out / "icl_curves.png", f"In-context regression, d=16, D=64 ({dev})")
+    s = rows[0]["spec"]
+    d = rows[0].get("task", {}).get("options", {}).get("n_dims", "?")
+    _plot_curves(by, out / "icl_curves.png",
+                 f"In-context regression, d={d}, D={s['width']}, depth {s['depth']} ({dev})")
     return lines + ["", "![ICL curves](icl_curves.png)", ""]
 
 
@@ -219,7 +223,9 @@ def language_table(results: dict[str, dict], out: Path) -> list[str]:
         cells.setdefault((r["label"], r["budget"]), []).append(r["metric"])
     budgets = sorted({b for _, b in cells})
     fams = sorted({f for f, _ in cells})
-    lines = [f"## Language (bytes of the stdlib corpus, {rows[0].get('device')}): bits per byte",
+    corpus = rows[0].get("task", {}).get("options", {}).get("corpus", "?")
+    lines = [f"## Language (bytes of the {corpus!r} corpus, {rows[0].get('device')}): bits per "
+             "byte",
              "", "| family | " + " | ".join(f"{b:.2g}" for b in budgets) + " |",
              "|---|" + "---|" * len(budgets)]
     for f in fams:
@@ -306,7 +312,7 @@ def _plot_language(cells: dict[tuple[str, float], list[float]], path: Path) -> N
         ax.plot([b for b, _ in pts], [statistics.mean(v) for _, v in pts], color=f"C{i}",
                 label=fam)
     ax.set(xscale="log", xlabel="training FLOPs", ylabel="validation bits per byte",
-           title="Byte-level LM on the stdlib corpus: loss against compute")
+           title="Byte-level LM: loss against compute")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
