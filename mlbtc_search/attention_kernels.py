@@ -372,6 +372,7 @@ def multilevel_attention(
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=1.0)
     if q.device.type != "cpu":  # the region kernel uses the CPU fused op
         return multilevel_attention_reference(q, k, v, widths, block_sizes, causal)
+    k, v = k.to(q.dtype), v.to(q.dtype)  # one dtype for the fused op (autocast mixes them)
     return _RegionAttention.apply(q, k, v, plan_regions(T, widths, block_sizes, causal))
 
 

@@ -174,6 +174,8 @@ class _BTT(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, gout: Tensor) -> tuple[Tensor | None, ...]:
         xT, R, L, zz = ctx.saved_tensors
+        dt = zz.dtype  # bf16 under autocast (whose casts do not reach a custom backward)
+        xT, R, L, gout = xT.to(dt), R.to(dt), L.to(dt), gout.to(dt)  # no-ops in float32
         k, c, d, a, b, s = ctx.dims
         N = gout.shape[0]
         # (N, k, a, b) -> (N, k, b, a): a transpose within each row, cheaper than a global one;

@@ -172,6 +172,24 @@ def test_cpu_bf16_autocast_trains_close_to_fp32() -> None:
     assert bf16.to_json()["config"]["autocast"] == "bf16"
 
 
+@pytest.mark.parametrize("attention", [
+    {"kind": "bilinear_btt", "heads": 2, "rank": 1},  # custom-backward BTT cores
+    {"kind": "bilinear_mlr", "heads": 2, "ranks": [4, 2, 1, 1]},
+    {"kind": "mlr", "heads": 2, "ranks": [4, 2, 1, 1]},  # the CPU region kernel
+    {"kind": "sliding_window", "heads": 2, "window": 4},
+])
+def test_every_structure_trains_under_bf16_autocast(attention) -> None:
+    """Custom autograd functions see the mixed dtypes autocast makes (and no autocast in their
+    backward): each structure family with a BTT MLP must train in bf16 as in fp32."""
+    task = get_task(ICL["name"], **ICL["options"])
+    spec = ModelSpec.from_dict({**SPEC, "attention": attention, "mlp": {"btt": {"rank": 1}}},
+                               seq_len=task.adapter.seq_len)
+    runs = [train(spec, task, 2e7, config=TrainConfig(batch_size=16, eval_batches=2,
+                                                      autocast=amp)) for amp in ("off", "bf16")]
+    assert [r.status for r in runs] == ["ok", "ok"]
+    assert runs[1].val_loss == pytest.approx(runs[0].val_loss, rel=0.05)
+
+
 @pytest.mark.slow
 def test_compile_on_cpu_gives_the_same_run() -> None:
     eager, comp = _run("cpu"), _run("cpu", compile=True)
