@@ -149,6 +149,19 @@ def test_cuda_without_cuda_is_one_line_exit_2(tmp_path, capsys) -> None:
     assert "at --device: device must be one of" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("flag", "value", "match"), [
+    ("--autocast", "fp16", "--autocast invalid choice: 'fp16'"),
+    ("--compile", "fast", "--compile invalid choice: 'fast'"),
+    ("--device", "cuda:x", "at --device: device must be one of cpu, cuda, cuda:N, auto"),
+])
+def test_bad_device_flags_are_one_line(tmp_path, capsys, flag, value, match) -> None:
+    model = tmp_path / "m.yaml"
+    model.write_text("width: 16\ndepth: 1\nattention: {kind: standard, heads: 2}\n")
+    assert main(["train", str(model), "--budget", "1e9", flag, value]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and match in err, err
+
+
 def test_oom_reason_names_the_share() -> None:
     err = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0")
     text = oom_reason(err, 33.5 * 2**30, 0.25)
