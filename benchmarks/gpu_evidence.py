@@ -34,6 +34,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -216,6 +217,33 @@ def append(log: Path, row: dict) -> None:
         f.write(json.dumps(row, allow_nan=False, default=str) + "\n")
 
 
+CHILDREN: set[subprocess.Popen] = set()
+LOGS = ROOT / "benchmarks" / "out" / "gpu_evidence_logs"  # set under --out by main
+STOP_AT = math.inf  # time.monotonic() at which everything stops (--stop-after)
+
+
+def spawn(cmd: list[str], log: Path) -> subprocess.Popen:
+    """Start ``cmd`` in its own session, stdout/stderr to ``log.out``/``log.err``."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{log}.out", "w") as out, open(f"{log}.err", "w") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=ROOT, start_new_session=True,
+                                env={**os.environ, "PYTHONPATH": str(ROOT),
+                                     "RAY_AUTH_MODE": "disabled"})
+    proc.args_log = str(log)  # type: ignore[attr-defined]
+    CHILDREN.add(proc)
+    return proc
+
+
+def kill(proc: subprocess.Popen) -> None:
+    """Kill ``proc`` and everything it started (its session)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+    CHILDREN.discard(proc)
+
+
 def run_jobs(jobs: list[Job], concurrency: int, timeout_s: float, deadline: float,
              log: Path | None) -> list[dict]:
     """Run ``jobs`` as subprocesses, ``concurrency`` at a time; each result is appended to
@@ -228,9 +256,7 @@ def run_jobs(jobs: list[Job], concurrency: int, timeout_s: float, deadline: floa
             job = todo.pop(0)
             cmd = [sys.executable, str(Path(__file__).resolve()), "--job",
                    json.dumps(job.__dict__)]
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    text=True, cwd=ROOT, start_new_session=True,
-                                    env={**os.environ, "PYTHONPATH": str(ROOT)})
+            proc = spawn(cmd, LOGS / job.key.replace("/", "_"))
             running[proc] = (job, time.monotonic())
         if not running:
             break
@@ -241,8 +267,7 @@ def run_jobs(jobs: list[Job], concurrency: int, timeout_s: float, deadline: floa
             if proc.poll() is None and wall < timeout_s and not cut:
                 continue
             if proc.poll() is None:
-                os.killpg(proc.pid, 9)
-                proc.communicate()
+                kill(proc)
                 if cut and wall < timeout_s:  # the phase ran out: not this job's fault
                     del running[proc]
                     print(f"  {job.key}: cut at the phase limit (left for a rerun)",
@@ -250,7 +275,8 @@ def run_jobs(jobs: list[Job], concurrency: int, timeout_s: float, deadline: floa
                     continue
                 row = {"status": "timeout", "reason": f"killed after {timeout_s:.0f} s"}
             else:
-                stdout, stderr = proc.communicate()
+                CHILDREN.discard(proc)
+                stdout, stderr = (Path(f"{proc.args_log}.{x}").read_text() for x in ("out", "err"))
                 lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
                 row = (json.loads(lines[-1]) if lines and proc.returncode == 0 else
                        {"status": "error", "reason": (stderr.strip().splitlines() or ["?"])[-1]})
@@ -339,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="results directory (default "
                     "benchmarks/results/gpu_evidence, or benchmarks/out/gpu_evidence_smoke)")
     ap.add_argument("--plan", action="store_true", help="print the plan and stop")
+    ap.add_argument("--stop-after", type=float, metavar="MINUTES",
+                    help="stop everything after MINUTES (runs cut short are left for a rerun) "
+                         "and write the summary; use it under a command time limit")
     ap.add_argument("--retry-failed", action="store_true", help="rerun timed-out/failed runs")
     args = ap.parse_args(argv)
     if args.job:
@@ -346,9 +375,27 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args.device = args.device or ("cpu" if args.smoke else "cuda")
     args.scale0 = args.scale
+    global LOGS, STOP_AT
+    if args.stop_after:
+        STOP_AT = time.monotonic() + 60 * args.stop_after
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _main(args)
+    finally:
+        for proc in list(CHILDREN):  # never leave training processes behind
+            kill(proc)
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _main(args: argparse.Namespace) -> int:
+    global LOGS
     out = args.out or ROOT / "benchmarks" / ("out/gpu_evidence_smoke" if args.smoke
                                              else "results/gpu_evidence")
     out.mkdir(parents=True, exist_ok=True)
+    LOGS = out / "logs"
     log = out / "results.jsonl"
     results = load_results(log)
     if args.retry_failed:
@@ -411,11 +458,14 @@ def run_groups(groups: list[Group], args: argparse.Namespace, out: Path, log: Pa
         if done(g, results):
             continue
         g.timeout_s = max(g.timeout_s, 1.5 * group_estimate_s(g, args.device, step))
-        deadline = time.monotonic() + g.timeout_s
+        deadline = min(time.monotonic() + g.timeout_s, STOP_AT)
+        if time.monotonic() >= STOP_AT:
+            print(f"{g.phase}: not started (--stop-after)", file=sys.stderr)
+            continue
         if g.phase == "rediscovery":
             from gpu_evidence_report import run_rediscovery
 
-            row = run_rediscovery(g.meta, args, out, g.timeout_s)
+            row = run_rediscovery(g.meta, args, out, deadline - time.monotonic(), spawn, kill)
             if row["status"] == "ok":  # otherwise a rerun resumes the study
                 append(log, {"key": g.key, "phase": g.phase, **row})
             else:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import statistics
 import subprocess
 import sys
@@ -38,7 +37,8 @@ def space_file() -> tuple[Path, str]:
             "ICL space available, which picks among named families)")
 
 
-def run_rediscovery(meta: dict, args: Any, out: Path, timeout_s: float) -> dict:
+def run_rediscovery(meta: dict, args: Any, out: Path, timeout_s: float, spawn: Any,
+                    kill: Any) -> dict:
     """Run (or resume) the search; return the row for results.jsonl (with the trials)."""
     import yaml
 
@@ -57,15 +57,17 @@ def run_rediscovery(meta: dict, args: Any, out: Path, timeout_s: float) -> dict:
     path = out / "rediscovery_space.yaml"
     path.write_text(yaml.safe_dump(space, sort_keys=False))
     t0 = time.monotonic()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}
+    log = out / "logs" / "rediscovery"
+    proc = spawn([sys.executable, "-m", "mlbtc_search.cli", "search", str(path)], log)
     try:
-        proc = subprocess.run([sys.executable, "-m", "mlbtc_search.cli", "search", str(path)],
-                              cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=timeout_s)
+        proc.wait(timeout=max(1.0, timeout_s))
         status = "ok" if proc.returncode == 0 else "error"
-        reason = None if status == "ok" else (proc.stderr.strip().splitlines() or ["?"])[-1]
+        err = Path(f"{log}.err").read_text().strip().splitlines() or ["?"]
+        reason = None if status == "ok" else err[-1]
     except subprocess.TimeoutExpired:
         status, reason = "timeout", f"stopped after {timeout_s:.0f} s (rerun resumes the study)"
+    finally:
+        kill(proc)
     return {"status": status, "reason": reason, "space": note, "wall_s": time.monotonic() - t0,
             "budget": meta["budget"], "trials": study_trials(out / "rediscovery.db", name)}
 
@@ -173,7 +175,7 @@ def icl_table(results: dict[str, dict], out: Path) -> list[str]:
                       f"{std8:.3f}; " + ", ".join(f"{n} {means[n]:.3f}" for n in solved) + ")."]
     s = rows[0]["spec"]
     d = rows[0].get("task", {}).get("options", {}).get("n_dims", "?")
-    _plot_curves(by, out / "icl_curves.png",
+    _try_plot(_plot_curves, by, out / "icl_curves.png",
                  f"In-context regression, d={d}, D={s['width']}, depth {s['depth']} ({dev})")
     return lines + ["", "![ICL curves](icl_curves.png)", ""]
 
@@ -210,7 +212,7 @@ def rediscovery_table(results: dict[str, dict], out: Path, d: int) -> list[str]:
                  f"{best['rank']}, d={d}); median error rank >= d: "
                  f"{statistics.median(high) if high else math.nan:.3f} ({len(high)} trials), "
                  f"rank < d: {statistics.median(low) if low else math.nan:.3f} ({len(low)}).")
-    _plot_front(trials, front, d, out / "rediscovery_front.png")
+    _try_plot(_plot_front, trials, front, d, out / "rediscovery_front.png")
     return lines + ["", "![front](rediscovery_front.png)", ""]
 
 
@@ -238,7 +240,7 @@ def language_table(results: dict[str, dict], out: Path) -> list[str]:
                  statistics.mean(cells[f, b]) for f in fams if f != "mlr_sequence")]
     lines += ["", f"MLR over the sequence is lowest at {len(below)} of {len(budgets)} budgets"
                   f" ({', '.join(f'{b:.2g}' for b in below) or 'none'})."]
-    _plot_language(cells, out / "language_scaling.png")
+    _try_plot(_plot_language, cells, out / "language_scaling.png")
     return lines + ["", "![language](language_scaling.png)", ""]
 
 
@@ -257,6 +259,13 @@ def pareto(trials: list[dict]) -> list[dict]:
 
 
 # ---- plots --------------------------------------------------------------------------------
+def _try_plot(plot: Any, *args: Any) -> None:
+    try:
+        plot(*args)
+    except ImportError as exc:  # the tables matter more than the pictures
+        print(f"no plot {args[-1]}: {exc}", file=sys.stderr)
+
+
 def _plt():
     import matplotlib
 
