@@ -21,8 +21,11 @@ in float32 (and why it is safe):
   width we build, and the relative rounding of a logit is the same 2^-9 as any bf16 matmul.
 
 The backward pass runs outside the autocast context (as PyTorch recommends); bf16 needs no loss
-scaling. CPU autocast is off under ``"auto"``: bf16 matmuls are slower than fp32 on CPUs without
-AMX, and CPU runs must stay bit-for-bit what they were.
+scaling. Autocast does not reach the backward of a custom autograd function, so ours compute it
+in the dtype of their saved activations (the BTT cores) or get one dtype for all operands (the
+CPU region kernel); ``tests/trainers/test_gpu.py`` trains every structure family under bf16.
+CPU autocast is off under ``"auto"``: bf16 matmuls are slower than fp32 on CPUs without AMX,
+and CPU runs must stay bit-for-bit what they were.
 
 ``TrainConfig.compile`` is ``False`` (default), ``True`` (``torch.compile`` with the default mode),
 or a mode name: ``"reduce-overhead"`` (CUDA graphs: removes the per-kernel launch cost that

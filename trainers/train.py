@@ -15,7 +15,9 @@ the read-in and the position table keep multiplier 1), linear warmup then consta
 (:mod:`trainers.schedule`), gradient clipping. Deterministic on the CPU for a seed: the seed
 initialises the weights and a separate ``torch.Generator`` drives the training data; the
 held-out data depend only on ``TrainConfig.eval_seed``, so every trial and seed is scored on the
-same validation batches.
+same validation batches. On CUDA (:mod:`trainers.device`: bf16 autocast, optional compile) the
+batches are made on the device from the same seeds (deterministic, other numbers than the CPU's)
+and the kernels are not bitwise deterministic.
 
 A non-finite training loss stops the run with status ``"nan"``, a loss above
 ``DIVERGENCE_FACTOR`` times the first step's loss with ``"diverged"``, Ctrl-C with
