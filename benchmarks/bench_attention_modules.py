@@ -12,6 +12,7 @@ and heads. Prints milliseconds (median of repeats after warmup) and the ratio to
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -66,7 +67,8 @@ def main() -> int:
     ap.add_argument("--width", type=int, default=512)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     args = ap.parse_args()
@@ -82,18 +84,37 @@ def main() -> int:
         "bilinear_btt rank 1": {"kind": "bilinear_btt", "heads": H},
         "sliding_window 128": {"kind": "sliding_window", "heads": H, "window": 128},
     }
-    x = torch.randn(args.batch, T, D, device=args.device)
+    # the input needs a gradient, as inside a model (else the projections skip dX)
+    x = torch.randn(args.batch, T, D, device=args.device, requires_grad=True)
     base = PlainSDPA(D, H).to(args.device)
-    rows = [("plain SDPA (baseline)", timed(base, x, args.repeats),
-             count_flops(lambda: base(x)) / (args.batch * T))]
-    for name, d in specs.items():
-        m = Attention(AttentionSpec.from_dict(d, D, T)).to(args.device)
-        rows.append((name, timed(m, x, args.repeats), m.flops_per_token(T)))
+    tokens = args.batch * T
+
+    def train_flops(m: nn.Module) -> float:
+        return count_flops(lambda: m(x).square().mean().backward()) / tokens
+
+    modules = [("plain SDPA (baseline)", base)]
+    modules += [(name, Attention(AttentionSpec.from_dict(d, D, T)).to(args.device))
+                for name, d in specs.items()]
+    flops = {name: train_flops(m) for name, m in modules}
+    for name, m in modules[1:]:  # the plan prices what runs
+        assert abs(flops[name] - m.flops_per_token(T, backward=True)) < 1e-6 * flops[name], name
+    times = {name: [] for name, _ in modules}
+    for _ in range(args.rounds):  # round-robin: load that drifts hits every row alike
+        for name, m in modules:
+            times[name].append(timed(m, x, args.repeats))
+    ms = {name: min(t) for name, t in times.items()}
+    load = os.getloadavg()
     print(f"attention layers, T={T}, width {D}, {H} heads, batch {args.batch}, fp32, "
-          f"forward+backward, {torch.get_num_threads()} threads, device {args.device}")
-    print(f"{'layer':<34}{'ms':>10}{'x baseline':>12}{'fwd FLOPs/token':>18}")
-    for name, ms, fl in rows:
-        print(f"{name:<34}{ms:>10.1f}{ms / rows[0][1]:>12.2f}{fl:>18,.0f}")
+          f"forward+backward, {torch.get_num_threads()} threads, device {args.device}, "
+          f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (1/5/15 min; "
+          f"{os.cpu_count()} CPUs), best of {args.rounds} rounds of medians")
+    print(f"{'layer':<36}{'ms':>9}{'x baseline':>12}{'fwd+bwd FLOPs/token':>21}"
+          f"{'FLOP ratio':>12}{'time/FLOP ratio':>17}")
+    b_ms, b_fl = ms[modules[0][0]], flops[modules[0][0]]
+    for name, _ in modules:
+        r_t, r_f = ms[name] / b_ms, flops[name] / b_fl
+        print(f"{name:<36}{ms[name]:>9.1f}{r_t:>12.2f}{flops[name]:>21,.0f}{r_f:>12.2f}"
+              f"{r_t / r_f:>17.2f}")
     return 0
 
 

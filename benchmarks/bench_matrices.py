@@ -15,6 +15,7 @@ round-robin, so load that drifts during the run hits every row alike.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -22,9 +23,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
-from torch.utils.flop_counter import FlopCounterMode
 
 from mlbtc_search import MatrixSpec, compile_matrix, flops
+from mlbtc_search.flopcount import flop_counter
 
 
 class _NaiveBTTFunction(torch.autograd.Function):
@@ -89,7 +90,7 @@ def step(module: nn.Module, x: Tensor, grad: Tensor) -> Callable[[], None]:
 
 
 def counted_flops(run: Callable[[], None]) -> int:
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         run()
     return int(counter.get_total_flops())
 
@@ -151,7 +152,10 @@ def bench(D: int, rows: int, repeats: int, warmup: int, device: str = "cpu") -> 
     dense_rate = 3 * entries[0][2] * rows / medians[0] / 1e9
 
     where = device if device != "cpu" else f"cpu, {torch.get_num_threads()} threads"
-    print(f"\nD = {D}, {rows} rows, fp32, forward+backward, {where}, median of {repeats}")
+    load = os.getloadavg()
+    print(f"\nD = {D}, {rows} rows, fp32, forward+backward, {where}, median of {repeats}, "
+          f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (1/5/15 min, "
+          f"{os.cpu_count()} CPUs)")
     print(f"{'structure':28s} {'MFLOP/row':>10s} {'ms':>9s} {'GFLOP/s':>8s} {'x dense':>8s}")
     for (name, _, f), t in zip(entries, medians, strict=True):
         rate = 3 * f * rows / t / 1e9
@@ -162,6 +166,13 @@ def bench(D: int, rows: int, repeats: int, warmup: int, device: str = "cpu") -> 
         total = matmul + copy + other
         print(f"time split of {name}: matmul {matmul / total:.0%}, copies {copy / total:.0%}, "
               f"other {other / total:.0%} (profiled, self CPU time)")
+    if device == "cpu":
+        f = round(D**0.5)
+        print(f"what limits btt r=1: its bmm have inner dimension {f} (D = {f} x {f}): "
+              f"about {f // 2} FLOPs per float moved, so they run at memory speed, not at the "
+              "GEMM peak dense reaches with inner dimension D; the copies are the layout "
+              "changes the output order (a, b) forces (one per pass, see linear._BTT); other = "
+              "in-place weight-gradient accumulation over row chunks and elementwise glue")
 
 
 def main() -> None:

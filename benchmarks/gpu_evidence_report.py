@@ -82,9 +82,14 @@ def study_trials(db: Path, name: str) -> list[dict]:
         study = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
     except KeyError:  # the search stopped before creating it
         return []
+    try:
+        from studies.record import decode_attr  # dicts are stored as JSON strings
+    except ImportError:  # older trees stored dicts
+        def decode_attr(value: Any) -> Any:
+            return value
     rows = []
     for t in study.get_trials(deepcopy=False):
-        ua = t.user_attrs
+        ua = {k: decode_attr(v) for k, v in t.user_attrs.items()}
         if t.state.name != "COMPLETE" or "spec" not in ua:
             continue
         rows.append({"number": t.number, "family": ua.get("family"), "metric": ua.get("metric"),

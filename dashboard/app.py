@@ -27,13 +27,14 @@ import dash
 import yaml
 from dash import Input, Output, State, ctx, no_update
 from dash.exceptions import PreventUpdate
-from optuna.storages import BaseStorage, RDBStorage
+from optuna.storages import BaseStorage
 
 from mlbtc_search.errors import MlbtcError, UsageError
+from studies.record import json_safe
+from studies.storage import storage_label
 
 from . import architecture, data, figures, pages
-from .export import archive_name, export_zip
-from .store import TrialCache, find_study, list_studies, load_trial, open_reader, read_weights
+from .store import StudyEntry, TrialCache, find_study, list_studies, load_trial, open_reader
 
 log = logging.getLogger(__name__)
 _STUDY = re.compile(r"^/study/(?P<name>[^/]+)/?$")
@@ -49,13 +50,14 @@ class StudyViews:
         self._views: dict[int, tuple[data.StudyView, int]] = {}
         self._token = uuid.uuid4().hex[:8]
 
-    def get(self, study_id: int) -> tuple[data.StudyView, str]:
+    def get(self, study_id: int, entry: StudyEntry | None = None) -> tuple[data.StudyView, str]:
         """``(view, version)``; the version string changes whenever the view does."""
         with self._lock:
             trials, changed = self.cache.trials(study_id)
             old = self._views.get(study_id)
             if old is None or changed:
-                old = (data.study_view(trials), (old[1] + 1) if old else 0)
+                name, info = (entry.name, entry.info) if entry else ("", None)
+                old = (data.study_view(trials, name, info), (old[1] + 1) if old else 0)
                 self._views[study_id] = old
             return old[0], f"{self._token}:{study_id}:{old[1]}"
 
@@ -71,8 +73,8 @@ class Dashboard:
     def summaries(self) -> tuple[list[dict[str, Any]], tuple]:
         out, signature = [], []
         for s in list_studies(self.storage):
-            view, version = self.views.get(s.study_id)
-            out.append(data.study_summary(s.name, s.user_attrs, view))
+            view, version = self.views.get(s.study_id, s)
+            out.append(data.study_summary(s.name, s.info, view))
             signature.append(version)
         return out, tuple(signature)
 
@@ -104,7 +106,7 @@ class Dashboard:
         study = find_study(self.storage, name)
         names = [s.name for s in list_studies(self.storage)]
         return pages.study_page(study.study_id, study.name,
-                                pages.study_subtitle(study.user_attrs, study.directions), names)
+                                pages.study_subtitle(study.info, study.directions), names)
 
     def study_data(self, study_id: int, families: list[str] | None,
                    states: list[str] | None) -> dict[str, Any]:
@@ -139,8 +141,8 @@ class Dashboard:
         study = find_study(self.storage, study_name)
         trial = load_trial(self.storage, study.study_id, number)
         row = data.trial_row(trial)
-        spec = trial.user_attrs.get("spec")
-        spec_yaml = (yaml.safe_dump(data.json_safe(spec), sort_keys=False, width=99)
+        spec = trial.spec
+        spec_yaml = (yaml.safe_dump(json_safe(spec), sort_keys=False, width=99)
                      if spec is not None else "(no spec recorded)")
         matrices: list[str] = []
         spec_error = None
@@ -149,10 +151,9 @@ class Dashboard:
                 architecture.model_spec(spec))]
         except MlbtcError as err:
             spec_error = str(err)
-        exportable = (row["state"] == "complete"
-                      and isinstance(trial.user_attrs.get("weights_artifact_id"), str))
-        series = data.curve_series(trial.user_attrs.get("curve"))
-        curve = figures.curve_figure(series, str(trial.user_attrs.get("metric_name") or ""))
+        exportable = trial.exportable
+        series = data.curve_series(trial.curve)
+        curve = figures.curve_figure(series, trial.metric_name or "")
         return pages.trial_page(
             study.study_id, study.name, number, row["state"], row["arch"], row["reason"] or None,
             data.trial_metrics(trial), spec_yaml, matrices, spec_error, exportable,
@@ -161,8 +162,7 @@ class Dashboard:
     def matrix(self, study_id: int, number: int, index: int) -> Any:
         trial = load_trial(self.storage, study_id, number)
         try:
-            mats = architecture.spec_matrices(architecture.model_spec(
-                trial.user_attrs.get("spec")))
+            mats = architecture.spec_matrices(architecture.model_spec(trial.spec))
         except MlbtcError as err:
             return figures.empty_figure(f"The recorded spec cannot be rebuilt: {err}")
         _, matrix = mats[index if 0 <= index < len(mats) else 0]
@@ -178,27 +178,20 @@ class Dashboard:
         return f"Dominated (not on the Pareto front of {len(view.front)} trials)."
 
     def export(self, study_id: int, number: int) -> tuple[bytes, str]:
-        """The export zip of a trial and its file name (a UsageError if it has no weights)."""
+        """The export zip of a trial (``studies.export.export_zip``, weights checked) and its
+        file name; a UsageError when it cannot be exported."""
+        from studies.export import archive_name, export_zip
+
         study = next((s for s in list_studies(self.storage) if s.study_id == study_id), None)
         if study is None:
             raise UsageError(f"no study with id {study_id}")
-        trial = load_trial(self.storage, study_id, number)
-        if data.trial_state(trial) != "complete":
-            raise UsageError(f"trial {number} is not complete; only trained trials export")
-        weights = read_weights(study.user_attrs, trial)
-        blob = export_zip(study.name, study.user_attrs, trial, weights,
-                          self.front_note(study_id, number))
+        load_trial(self.storage, study_id, number)  # "no trial N" before anything else
+        recs, _ = self.views.cache.trials(study_id)
+        blob = export_zip(study.name, study.info, recs, number)
         return blob, archive_name(study.name, number)
 
     def _study_name(self, study_id: int) -> str:
         return self.storage.get_study_name_from_id(study_id)
-
-
-def storage_label(storage: BaseStorage) -> str:
-    """The storage URL without its password."""
-    if isinstance(storage, RDBStorage):
-        return storage.engine.url.render_as_string(hide_password=True)
-    return type(storage).__name__
 
 
 def create_app(storage: str | BaseStorage | None = None, warm: bool = False) -> dash.Dash:

@@ -1,32 +1,25 @@
 """Pure data functions: trials in, plain JSON-safe rows and numbers out.
 
-Nothing here touches the storage, Dash or Plotly. A *trial* is anything with ``number``,
-``state`` (an Optuna TrialState), ``values``, ``user_attrs``, ``datetime_start`` and
-``datetime_complete`` (a FrozenTrial or a :class:`dashboard.store.TrialRecord`). Non-finite
+Nothing here touches the storage, Dash or Plotly. A trial is a
+:class:`studies.record.TrialRecord`; its row is :meth:`TrialRecord.row` (the same row as
+``mlbtc pareto --json``) plus display columns (width, depth, heads, attention, MLP, a one-line
+architecture). Fronts, hypervolume and summaries are those of :mod:`studies.pareto`. Non-finite
 floats (NaN, inf) become ``None`` in every row, and :func:`fmt` shows them as ``"n/a"``.
-
-The objectives follow the storage contract: COMPLETE trials have values ``[val_loss,
-flops_per_token]``, both minimized. Hypervolume is measured in (val_loss, log10 FLOPs/token),
-from a reference point that is fixed per study (:func:`reference_point`), as in
-:mod:`studies.pareto`.
 """
 
 from __future__ import annotations
 
-import bisect
 import datetime as dt
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from optuna.trial import TrialState
-
-from mlbtc_search.yamlio import json_safe  # noqa: F401 (re-exported for app and export)
-from studies import pareto as _pareto
+from studies.pareto import default_reference, front, hypervolume_history
+from studies.pareto import study_summary as _summary
+from studies.record import StudyInfo, TrialRecord
 
 NA = "n/a"
-STATES = ("complete", "running", "failed", "infeasible", "duplicate", "pruned", "waiting")
 
 Point = tuple[float, float]
 
@@ -63,90 +56,6 @@ def fmt_si(value: Any, unit: str = "") -> str:
 
 def fmt_time(value: dt.datetime | None) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%S") if value is not None else NA
-
-
-# ---- Pareto front and hypervolume --------------------------------------------------------------
-# The front, the hypervolume and its reference point are those of ``studies.pareto`` (the same
-# numbers as ``mlbtc studies`` / ``mlbtc pareto``); only the incremental history is here.
-def _ok(p: Point) -> bool:
-    return math.isfinite(p[0]) and math.isfinite(p[1])
-
-
-def pareto_front(points: Sequence[Point]) -> list[int]:
-    """Indices (ascending) of the non-dominated points, minimizing both coordinates.
-
-    ``q`` dominates ``p`` when it is no worse in both and better in one; equal points do not
-    dominate each other, so both stay. Points with a non-finite coordinate are never on the front.
-    """
-    return sorted(_pareto.pareto_front(points))
-
-
-def hypervolume_2d(points: Sequence[Point], reference: Point) -> float:
-    """Area dominated by ``points`` and bounded by ``reference`` (both coordinates minimized)."""
-    return _pareto.hypervolume_2d(list(points), reference)
-
-
-def reference_point(points: Sequence[Point]) -> Point | None:
-    """``studies.pareto.default_reference`` (max + 10% of |max| per coordinate), or None."""
-    pts = [p for p in points if _ok(p)]
-    return _pareto.default_reference(pts) if pts else None
-
-
-def hypervolume_history(points: Sequence[Point], reference: Point) -> list[float]:
-    """Hypervolume after each point in order (non-decreasing by construction).
-
-    Incremental: a dominated point leaves the front and the area unchanged; a new front point
-    removes the points it dominates. Cost O(n log n + n * front size).
-    """
-    front_b: list[float] = []  # second coordinate ascending
-    front_a: list[float] = []  # first coordinate, strictly descending along the front
-    out: list[float] = []
-    area = 0.0
-    for a, b in points:
-        if not (_ok((a, b)) and a < reference[0] and b < reference[1]):
-            out.append(area)
-            continue
-        r = bisect.bisect_right(front_b, b)
-        if r > 0 and front_a[r - 1] <= a:  # weakly dominated: adds no area
-            out.append(area)
-            continue
-        i = j = bisect.bisect_left(front_b, b)
-        while j < len(front_b) and front_a[j] >= a:  # the points the new one dominates
-            j += 1
-        front_b[i:j] = [b]
-        front_a[i:j] = [a]
-        area = _area(front_a, front_b, reference)
-        out.append(area)
-    return out
-
-
-def _area(front_a: list[float], front_b: list[float], reference: Point) -> float:
-    area = 0.0
-    for k, (a, b) in enumerate(zip(front_a, front_b, strict=True)):
-        nxt = front_b[k + 1] if k + 1 < len(front_b) else reference[1]
-        area += (nxt - b) * (reference[0] - a)
-    return area
-
-
-# ---- trials -> rows ---------------------------------------------------------------------------
-def trial_state(trial: Any) -> str:
-    """complete | running | failed | infeasible | duplicate | pruned | waiting."""
-    state = trial.state
-    if state == TrialState.COMPLETE:
-        return "complete"
-    if state == TrialState.FAIL:
-        status = trial.user_attrs.get("status")
-        return status if status in ("infeasible", "failed", "duplicate") else "failed"
-    return {TrialState.RUNNING: "running", TrialState.PRUNED: "pruned",
-            TrialState.WAITING: "waiting"}.get(state, str(state.name).lower())
-
-
-def objectives(trial: Any) -> Point | None:
-    """``(val_loss, flops_per_token)`` of a COMPLETE trial with two finite values, else None."""
-    if trial.state != TrialState.COMPLETE or not trial.values or len(trial.values) < 2:
-        return None
-    p = (float(trial.values[0]), float(trial.values[1]))
-    return p if _ok(p) else None
 
 
 def matrix_label(m: Any) -> str:
@@ -252,32 +161,15 @@ def architecture_line(family: str, desc: dict[str, Any], flops: Any, loss: Any) 
             f"{desc.get('mlp')} · {fmt_si(flops, 'FLOPs/tok')} · loss {fmt(loss)}")
 
 
-def trial_row(trial: Any) -> dict[str, Any]:
-    """The table row of one trial: JSON-safe, numbers as numbers (None when unknown)."""
-    ua = trial.user_attrs
-    state = trial_state(trial)
-    obj = objectives(trial)
-    loss = obj[0] if obj else finite(ua.get("val_loss"))
-    flops = obj[1] if obj else finite(ua.get("flops_per_token"))
-    desc = describe_spec(ua.get("spec"))
-    family = str(ua.get("family") or "unknown")
-    reason = ua.get("reason")
-    if state == "duplicate" and "duplicate_of" in ua:
-        reason = f"duplicate of trial {ua['duplicate_of']}"
-    return {
-        "number": trial.number, "state": state, "family": family,
-        "val_loss": loss, "flops_per_token": flops,
-        "params": finite(ua.get("params")), "metric": finite(ua.get("metric")),
-        "metric_name": str(ua.get("metric_name") or ""),
-        "kv_cache_bytes_per_token": finite(ua.get("kv_cache_bytes_per_token")),
-        "width": desc["width"], "depth": desc["depth"], "heads": desc["heads"],
-        "attention": desc["attention"], "mlp": desc["mlp"],
-        "duration_s": finite(ua.get("duration_s")),
-        "completed": fmt_time(trial.datetime_complete) if trial.datetime_complete else "",
-        "reason": str(reason) if reason is not None else "",
-        "arch": architecture_line(family, desc, flops, loss),
-        "on_front": False,
-    }
+def trial_row(rec: TrialRecord) -> dict[str, Any]:
+    """The table row of one trial: :meth:`TrialRecord.row` plus the display columns."""
+    row = rec.row()
+    desc = describe_spec(rec.spec)
+    row.update(width=desc["width"], depth=desc["depth"], heads=desc["heads"],
+               attention=desc["attention"], mlp=desc["mlp"],
+               arch=architecture_line(row["family"], desc, rec.flops_per_token, rec.val_loss),
+               on_front=False)
+    return row
 
 
 # ---- a whole study ----------------------------------------------------------------------------
@@ -287,11 +179,9 @@ class StudyView:
 
     rows: list[dict[str, Any]]
     front: list[int]  # trial numbers on the Pareto front, cheapest first
-    reference: Point | None  # in (val_loss, log10 FLOPs/token)
+    reference: tuple[float, float] | None  # in (val_loss, log10 FLOPs/token)
     hv_history: list[tuple[int, float]]  # (trial number, hypervolume) per COMPLETE trial
-    counts: dict[str, int]
-    best_loss: float | None
-    hypervolume: float | None
+    summary: dict[str, Any]  # studies.pareto.study_summary
     last_update: dt.datetime | None
     families: list[str] = field(default_factory=list)
 
@@ -299,34 +189,35 @@ class StudyView:
     def n_trials(self) -> int:
         return len(self.rows)
 
+    @property
+    def counts(self) -> dict[str, int]:
+        return self.summary["states"]
 
-def study_view(trials: Sequence[Any]) -> StudyView:
-    """Rows, front, hypervolume history and counts of one study's trials."""
-    trials = sorted(trials, key=lambda t: t.number)
-    rows = [trial_row(t) for t in trials]
-    complete = [(t.number, objectives(t)) for t in trials]
-    complete = [(n, p) for n, p in complete if p is not None]
-    points = [p for _, p in complete]
-    front_idx = pareto_front(points)
-    by_number = dict(complete)
-    front = sorted((complete[i][0] for i in front_idx),
-                   key=lambda n: (by_number[n][1], by_number[n][0], n))
-    on_front = set(front)
+    @property
+    def best_loss(self) -> float | None:
+        return self.summary["best_loss"]
+
+    @property
+    def hypervolume(self) -> float | None:
+        return self.summary["hypervolume"]
+
+
+def study_view(recs: Sequence[TrialRecord], name: str = "", info: StudyInfo | None = None
+               ) -> StudyView:
+    """Rows, front, hypervolume history and summary of one study's records."""
+    recs = sorted(recs, key=lambda r: r.number)
+    rows = [trial_row(r) for r in recs]
+    on_front = [r.number for r in front(recs)]
     for row in rows:
-        row["on_front"] = row["number"] in on_front
-    logged = [(p[0], math.log10(p[1])) if p[1] > 0 else (p[0], math.nan) for p in points]
-    reference = reference_point(logged)
-    history = hypervolume_history(logged, reference) if reference else []
-    counts = {s: 0 for s in STATES}
-    for row in rows:
-        counts[row["state"]] = counts.get(row["state"], 0) + 1
-    times = [t for tr in trials for t in (tr.datetime_complete, tr.datetime_start)
-             if t is not None]
+        row["on_front"] = row["number"] in set(on_front)
+    history = hypervolume_history(recs)
+    points = [(r.val_loss, math.log10(r.flops_per_token)) for r in recs
+              if r.point is not None and r.flops_per_token > 0]  # type: ignore[operator]
+    times = [t for r in recs for t in (r.completed, r.started) if t is not None]
     return StudyView(
-        rows=rows, front=front, reference=reference,
-        hv_history=[(n, h) for (n, _), h in zip(complete, history, strict=True)],
-        counts=counts, best_loss=min((p[0] for p in points), default=None),
-        hypervolume=history[-1] if history else None,
+        rows=rows, front=on_front,
+        reference=default_reference(points) if points else None, hv_history=history,
+        summary=_summary(name, info or StudyInfo(), recs),
         last_update=max(times) if times else None,
         families=sorted({r["family"] for r in rows}),
     )
@@ -345,19 +236,13 @@ def filter_rows(rows: Sequence[dict[str, Any]], families: Sequence[str] | None,
     return [r for r in rows if (not fam or r["family"] in fam) and (not st or r["state"] in st)]
 
 
-def study_summary(name: str, user_attrs: dict[str, Any], view: StudyView) -> dict[str, Any]:
-    """One line of the studies page."""
-    info = user_attrs.get("mlbtc") if isinstance(user_attrs.get("mlbtc"), dict) else {}
-    task = info.get("task") if isinstance(info.get("task"), dict) else {}
-    return {
-        "name": name, "task": str(task.get("name") or NA), "trials": view.n_trials,
-        "complete": view.counts.get("complete", 0), "failed": view.counts.get("failed", 0),
-        "infeasible": view.counts.get("infeasible", 0),
-        "running": view.counts.get("running", 0), "best_loss": finite(view.best_loss),
-        "hypervolume": finite(view.hypervolume), "front": len(view.front),
-        "last_update": fmt_time(view.last_update),
-        "budget_flops": finite(info.get("budget_flops")),
-    }
+def study_summary(name: str, info: StudyInfo, view: StudyView) -> dict[str, Any]:
+    """One line of the studies page: :func:`studies.pareto.study_summary`, flattened for the
+    table (a count per state, the front size as ``front``, the time formatted)."""
+    summary = {**view.summary, "name": name, "task": info.task_name or NA,
+               "budget_flops": info.budget_flops}
+    return {**summary, **summary["states"], "front": summary["front_size"],
+            "last_update": fmt_time(view.last_update)}
 
 
 def curve_series(curve: Any) -> dict[str, list[tuple[float, float]]]:
@@ -382,30 +267,26 @@ def curve_series(curve: Any) -> dict[str, list[tuple[float, float]]]:
     return out
 
 
-def trial_metrics(trial: Any) -> list[tuple[str, str]]:
+def trial_metrics(rec: TrialRecord) -> list[tuple[str, str]]:
     """(label, formatted value) pairs for the trial page."""
-    ua = trial.user_attrs
-    obj = objectives(trial)
-    metric_name = str(ua.get("metric_name") or "metric")
     items: list[tuple[str, str]] = [
-        ("state", trial_state(trial)),
-        ("family", str(ua.get("family") or NA)),
-        ("validation loss", fmt(obj[0] if obj else ua.get("val_loss"), 6)),
-        (metric_name, fmt(ua.get("metric"), 6)),
-        ("FLOPs / token (forward)", fmt_si(obj[1] if obj else ua.get("flops_per_token"))),
-        ("parameters (non-embedding)", fmt(ua.get("params"))),
-        ("KV-cache bytes / token", fmt(ua.get("kv_cache_bytes_per_token"))),
-        ("training FLOPs", fmt_si(ua.get("train_flops"))),
-        ("budget FLOPs", fmt_si(ua.get("budget_flops"))),
-        ("steps", fmt(ua.get("steps"))),
-        ("seed", str(ua.get("seed", NA))),
-        ("duration", f"{fmt(ua.get('duration_s'), 3)} s"
-         if finite(ua.get("duration_s")) is not None else NA),
-        ("architecture hash", str(ua.get("hash") or NA)),
-        ("started", fmt_time(trial.datetime_start)),
-        ("completed", fmt_time(trial.datetime_complete)),
-        ("code version", str(ua.get("code_version") or NA)),
+        ("state", rec.state),
+        ("family", rec.family or NA),
+        ("validation loss", fmt(rec.val_loss, 6)),
+        (rec.metric_name or "metric", fmt(rec.metric, 6)),
+        ("FLOPs / token (forward)", fmt_si(rec.flops_per_token)),
+        ("parameters (non-embedding)", fmt(rec.params)),
+        ("KV-cache bytes / token", fmt(rec.kv_cache_bytes_per_token)),
+        ("training FLOPs", fmt_si(rec.train_flops)),
+        ("budget FLOPs", fmt_si(rec.budget_flops)),
+        ("steps", fmt(rec.steps)),
+        ("seed", str(rec.seed if rec.seed is not None else NA)),
+        ("duration", f"{fmt(rec.duration_s, 3)} s" if rec.duration_s is not None else NA),
+        ("architecture hash", rec.hash or NA),
+        ("started", fmt_time(rec.started)),
+        ("completed", fmt_time(rec.completed)),
+        ("code version", rec.code_version or NA),
     ]
-    if "duplicate_of" in ua:
-        items.append(("duplicate of trial", str(ua["duplicate_of"])))
+    if rec.duplicate_of is not None:
+        items.append(("duplicate of trial", str(rec.duplicate_of)))
     return items

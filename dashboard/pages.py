@@ -15,7 +15,9 @@ from urllib.parse import quote
 from dash import dash_table, dcc, html
 from dash.dash_table.Format import Format, Scheme
 
-from .data import NA, STATES, StudyView, fmt, fmt_si, fmt_time
+from studies.record import STATES, StudyInfo
+
+from .data import NA, StudyView, fmt, fmt_si, fmt_time
 
 GRAPH_CONFIG = {"displaylogo": False, "responsive": True,
                 "modeBarButtonsToRemove": ["lasso2d", "select2d"]}
@@ -69,7 +71,8 @@ def message_page(title: str, text: str) -> html.Div:
 # ---- studies ----------------------------------------------------------------------------------
 STUDY_COLUMNS = (("Study", "name"), ("Task", "task"), ("Trials", "trials"),
                  ("Complete", "complete"), ("Running", "running"), ("Failed", "failed"),
-                 ("Infeasible", "infeasible"), ("Front", "front"), ("Best loss", "best_loss"),
+                 ("Interrupted", "interrupted"), ("Infeasible", "infeasible"),
+                 ("Front", "front"), ("Best loss", "best_loss"),
                  ("Hypervolume", "hypervolume"), ("Last update", "last_update"))
 
 
@@ -166,6 +169,7 @@ def table_rows(study_name: str, rows: Sequence[dict[str, Any]]) -> list[dict[str
     for r in rows:
         d = {k: r.get(k) for k in keys}
         d["front"] = "yes" if r.get("on_front") else ""
+        d["completed"] = (r.get("completed") or "")[:19].replace("T", " ")
         d["open"] = f"[open →]({trial_path(study_name, r['number'])})"
         out.append(d)
     return out
@@ -296,12 +300,10 @@ def trial_page(study_id: int, study_name: str, number: int, state: str, arch: st
     ])
 
 
-def study_subtitle(user_attrs: dict[str, Any], directions: Sequence[str]) -> str:
-    info = user_attrs.get("mlbtc") if isinstance(user_attrs.get("mlbtc"), dict) else {}
-    task = info.get("task") if isinstance(info.get("task"), dict) else {}
-    parts = [f"task {task.get('name') or NA}"]
-    if info.get("budget_flops") is not None:
-        parts.append(f"budget {fmt_si(info.get('budget_flops'), 'FLOPs')} per trial")
+def study_subtitle(info: StudyInfo, directions: Sequence[str]) -> str:
+    parts = [f"task {info.task_name or NA}"]
+    if info.budget_flops is not None:
+        parts.append(f"budget {fmt_si(info.budget_flops, 'FLOPs')} per trial")
     parts.append("objectives: minimize validation loss and FLOPs per token"
                  if list(directions) == ["minimize", "minimize"]
                  else f"directions: {', '.join(directions)}")

@@ -16,68 +16,21 @@ import torch
 from torch import Tensor, nn
 
 from . import attention_kernels as K
-from . import kv_cache
-from .attention_spec import AttentionSpec, HeadGroup
+from .attention_plan import GroupPlan, Side, attention_plan, score_sides
+from .attention_spec import AttentionSpec
 from .linear import StructuredLinear, contract
-from .matrix import MatrixSpec
-from .plan import Step, bilinear_cut, side_steps
-
-
-class _Side:
-    """Pure data: how one side (query or key) of one matrix level maps x to features."""
-
-    def __init__(self, btc, blocks: int, cores: tuple[int, ...], start: list[str],
-                 cut: tuple[str, ...]):
-        self.btc = btc
-        self.blocks = blocks
-        self.cores = cores
-        self.start = start
-        self.cut = cut
-        self.steps: tuple[Step, ...] = side_steps(btc, cores, set(start), cut)
-
-    @property
-    def macs(self) -> int:
-        """Per token, per head (all blocks)."""
-        return self.blocks * sum(s.macs for s in self.steps)
-
-    def fans(self) -> list[tuple[int, int]]:
-        """(fan_in, fan_out) of each core at its step: contracted and produced axis sizes."""
-        sizes = self.btc.sizes
-        out = []
-        for s in self.steps:
-            core = self.btc.cores[s.core]
-            fan_in = math.prod(sizes[a] for a in core if a in s.before and a not in s.after)
-            fan_out = math.prod(sizes[a] for a in core if a not in s.before)
-            out.append((max(fan_in, 1), max(fan_out, 1)))
-        return out
-
-
-def _sides(score: MatrixSpec) -> list[tuple[_Side, _Side, int]]:
-    """(query side, key side, width incl. blocks) for each level of a score matrix."""
-    out = []
-    for lv in score.levels:
-        cut = bilinear_cut(lv.btc)
-        q = _Side(lv.btc, lv.blocks, cut.query_cores, [a for a, _ in lv.btc.out_axes], cut.cut)
-        k = _Side(lv.btc, lv.blocks, cut.key_cores, [a for a, _ in lv.btc.in_axes], cut.cut)
-        out.append((q, k, lv.blocks * cut.width))
-    return out
 
 
 class BilinearFeatures(nn.Module):
     """q and k features of one head group: (B, T, D) -> two (B, h, T, W) tensors."""
 
-    def __init__(self, group: HeadGroup, width: int, rms_cap: bool = False):
+    def __init__(self, plan: GroupPlan, rms_cap: bool = False):
         super().__init__()
         self.rms_cap = rms_cap
         self._init_std: list[float] = []
-        self.heads = group.heads
-        self.width = width
-        self.sides: list[tuple[_Side, _Side, int]] = []
-        self.level_widths: list[int] = []
-        for lv in group.levels:
-            parts = _sides(lv.score)
-            self.sides.extend(parts)
-            self.level_widths.append(sum(w for _, _, w in parts))
+        self.heads = plan.heads
+        self.sides = plan.sides
+        self.level_widths = list(plan.level_widths)
         self.cores = nn.ParameterList()
         self._index: list[tuple[list[int], list[int]]] = []  # param ids for each (q, k) side
         self._mup: list[tuple[str, int, int]] = []
@@ -115,7 +68,7 @@ class BilinearFeatures(nn.Module):
             return w
         return w / torch.clamp(w.pow(2).mean().sqrt() / self._init_std[i], min=1.0)
 
-    def _side(self, x: Tensor, side: _Side, ids: list[int]) -> Tensor:
+    def _side(self, x: Tensor, side: Side, ids: list[int]) -> Tensor:
         N = x.shape[0]
         h, k = self.heads, side.blocks
         sizes = {**side.btc.sizes, "_N": N, "_H": h, "_K": k}
@@ -138,9 +91,24 @@ class BilinearFeatures(nn.Module):
         for (q_side, k_side, _), (q_ids, k_ids) in zip(self.sides, self._index, strict=True):
             qs.append(self._side(x2, q_side, q_ids))
             ks.append(self._side(x2, k_side, k_ids))
-        q = torch.cat(qs, dim=-1).view(B, T, self.heads, -1).transpose(1, 2)  # (B, h, T, W)
-        k = torch.cat(ks, dim=-1).view(B, T, self.heads, -1).transpose(1, 2)
+        q, k = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)  # no copy for one
+                for parts in (qs, ks))
+        q = q.view(B, T, self.heads, -1).transpose(1, 2)  # (B, h, T, W)
+        k = k.view(B, T, self.heads, -1).transpose(1, 2)
         return q, k
+
+
+class _Norms(nn.Module):
+    """Bias-free LayerNorms over consecutive feature slices of the given widths."""
+
+    def __init__(self, widths: list[int]):
+        super().__init__()
+        self.widths = widths
+        self.norms = nn.ModuleList(nn.LayerNorm(w, bias=False) for w in widths)
+
+    def forward(self, x: Tensor) -> Tensor:
+        parts = x.split(self.widths, dim=-1)
+        return torch.cat([n(p) for n, p in zip(self.norms, parts, strict=True)], dim=-1)
 
 
 class Attention(nn.Module):
@@ -149,26 +117,42 @@ class Attention(nn.Module):
     def __init__(self, spec: AttentionSpec, rms_cap: bool = False):
         super().__init__()
         self.spec = spec
-        D = spec.width
         self.head_dim = spec.head_dim
-        self.features = nn.ModuleList(BilinearFeatures(g, D, rms_cap) for g in spec.groups)
+        self.plan = attention_plan(spec)
+        self.features = nn.ModuleList(BilinearFeatures(g, rms_cap) for g in self.plan.groups)
         self.q_norm = nn.ModuleList()
         self.k_norm = nn.ModuleList()
-        for f in self.features:
-            w = f.total_width
-            self.q_norm.append(nn.LayerNorm(w, bias=False) if spec.qk_norm else nn.Identity())
-            self.k_norm.append(nn.LayerNorm(w, bias=False) if spec.qk_norm else nn.Identity())
-        for i, (g, f) in enumerate(zip(spec.groups, self.features, strict=True)):
+        per_level = spec.qk_norm_per_level
+        for g in self.plan.groups:
+            # the LayerNorm scopes: the whole head, or (paper) each score part (matrix level)
+            scopes = [w for *_, w in g.sides] if per_level else [g.total_width]
+            for norms in (self.q_norm, self.k_norm):  # one scope: a plain LayerNorm (its names)
+                norm = nn.LayerNorm(scopes[0], bias=False) if len(scopes) == 1 else _Norms(scopes)
+                norms.append(norm if spec.qk_norm else nn.Identity())
+        self._scales: list[list[float]] = []  # exact, for any dtype the module moves to
+        for i, g in enumerate(spec.groups):
             scales = []
-            for lv, w in zip(g.levels, f.level_widths, strict=True):
-                s = lv.scale if lv.scale is not None else spec.logit_mult / max(w, 1)
-                scales += [s] * w
+            for lv in g.levels:
+                parts = [w for *_, w in score_sides(lv.score)]
+                for w in parts if per_level else [sum(parts)]:
+                    s = lv.scale if lv.scale is not None else spec.logit_mult / max(w, 1)
+                    scales += [s] * w
+            self._scales.append(scales)
             self.register_buffer(f"scale{i}", torch.tensor(scales), persistent=False)
         self.value = StructuredLinear(spec.value, rms_cap=rms_cap)
         self.output = StructuredLinear(spec.output, zero_init=True, rms_cap=rms_cap)
 
     def _scale(self, g: int) -> Tensor:
         return getattr(self, f"scale{g}")
+
+    def _apply(self, fn, recurse=True):
+        """Keep the logit scales exact in the new dtype (float64 models get float64 scales, not
+        float32 values widened)."""
+        out = super()._apply(fn, recurse)
+        for i, scales in enumerate(self._scales):
+            buf = self._scale(i)
+            setattr(self, f"scale{i}", torch.tensor(scales, dtype=buf.dtype, device=buf.device))
+        return out
 
     def qkv(self, x: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
         """Scaled, normalized (q, k) features and the values of each head group."""
@@ -195,41 +179,18 @@ class Attention(nn.Module):
             else:
                 sizes = [lv.block_size for lv in group.levels]
                 ys.append(K.multilevel_attention(q, k, v, f.level_widths, sizes,
-                                                 self.spec.causal))
+                                                 self.spec.causal,
+                                                 self.spec.mean_over_shared_levels))
         y = torch.cat(ys, dim=1).transpose(1, 2).reshape(B, T, D)  # (B, T, H * head_dim)
         return self.output(y)
 
-    # ---- analytic costs ---------------------------------------------------------------
-    def flops_per_token(self, T: int) -> float:
-        """Forward FLOPs per token at sequence length T (projections + kernels)."""
-        from .plan import flops as matrix_flops
-
-        total = matrix_flops(self.spec.value) + matrix_flops(self.spec.output)
-        kernel = 0
-        for group, f in zip(self.spec.groups, self.features, strict=True):
-            total += 2 * f.macs
-            kernel += self._kernel_flops(group, f, T)
-        return total + kernel / T
-
-    def _kernel_flops(self, group: HeadGroup, f: BilinearFeatures, T: int) -> int:
-        if group.window is not None:
-            return K.window_attention_flops(T, f.heads, f.total_width, self.head_dim,
-                                            group.window, self.spec.causal)
-        sizes = [lv.block_size for lv in group.levels]
-        return K.multilevel_attention_flops(T, f.heads, f.level_widths, sizes, self.head_dim,
-                                            self.spec.causal)
+    # ---- analytic costs (attention_plan) ---------------------------------------------
+    def flops_per_token(self, T: int, backward: bool = False) -> float:
+        """Forward (with ``backward``: forward + backward) FLOPs per token at length T."""
+        return self.plan.flops_per_token(T, backward)
 
     def kv_cache_bytes_per_token(self, T: int, dtype_bytes: int = 4) -> float:
-        total = 0.0
-        for group, f in zip(self.spec.groups, self.features, strict=True):
-            if group.window is not None:
-                per_head = min(group.window, T) * (f.total_width + self.head_dim) / T
-                total += f.heads * per_head * dtype_bytes
-            else:
-                sizes = [lv.block_size for lv in group.levels]
-                total += f.heads * kv_cache.kv_cache_bytes_per_token(f.level_widths, sizes,
-                                                              self.head_dim, T, dtype_bytes)
-        return total
+        return self.plan.kv_cache_bytes_per_token(T, dtype_bytes)
 
     def extra_repr(self) -> str:
         return f"kind={self.spec.kind}, heads={self.spec.heads}, width={self.spec.width}"

@@ -21,11 +21,15 @@ from .errors import SpecError
 Axis = tuple[str, int]
 
 
+MAX_SIZE = 1 << 24  # largest matrix dimension or axis size (a dense 2^24 x 2^24 has 2^48 weights)
+MAX_CORES = 12  # bilinear cuts and contraction orders search over core subsets
+
+
 def _check_size(value: object, path: tuple, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise SpecError(f"{what} must be an integer >= 1, got {value!r}", path)
-    if value < 1:
-        raise SpecError(f"{what} must be >= 1, got {value}", path)
+    if not 1 <= value <= MAX_SIZE:
+        raise SpecError(f"{what} must be between 1 and {MAX_SIZE:,} (2^24), got {value}", path)
     return value
 
 
@@ -57,6 +61,9 @@ class BTC:
             raise SpecError("a contraction needs at least one input and one output axis")
         if not self.cores:
             raise SpecError("a contraction needs at least one core", ("cores",))
+        if len(self.cores) > MAX_CORES:
+            raise SpecError(f"a contraction may have at most {MAX_CORES} cores, got "
+                            f"{len(self.cores)}", ("cores",))
         uses: dict[str, int] = {name: 0 for name in sizes}
         for c, axes in enumerate(self.cores):
             if not axes:
@@ -146,12 +153,14 @@ class BTC:
             rename[a] = f"i{i}"
         for i, (a, _) in enumerate((a, s) for a, s in self.out_axes if s > 1):
             rename[a] = f"o{i}"
-        n_bond = 0
-        for axes in self.cores:
-            for a in axes:
-                if a not in rename and sizes[a] > 1:
-                    rename[a] = f"b{n_bond}"
-                    n_bond += 1
+        # bonds numbered by (first core, size, cores holding it): not by their order inside a
+        # core, so [i, s, t] and [i, t, s] name s and t alike (bonds equal on all three are
+        # interchangeable, so either naming gives the same form)
+        holders = {a: tuple(c for c, axes in enumerate(self.cores) if a in axes)
+                   for a in sizes if a not in rename and sizes[a] > 1}
+        for n_bond, a in enumerate(sorted(holders, key=lambda a: (holders[a][0], sizes[a],
+                                                                   holders[a]))):
+            rename[a] = f"b{n_bond}"
 
         def keep(a: str) -> bool:
             return sizes[a] > 1

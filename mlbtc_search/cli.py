@@ -82,7 +82,8 @@ def _lazy(target: str) -> Callable[[argparse.Namespace], int]:
 def _storage(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", metavar="URL",
                    help="study storage URL (sqlite:///path.db or postgresql://...); default: "
-                        "the MLBTC_STORAGE environment variable, else sqlite:///mlbtc.db")
+                        "the MLBTC_STORAGE environment variable, else sqlite:///mlbtc.db in "
+                        "the working directory (the same for every command)")
 
 
 def build_parser() -> argparse.ArgumentParser:

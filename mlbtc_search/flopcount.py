@@ -1,14 +1,17 @@
 """Exact FLOP counting: torch's FlopCounterMode plus formulas for the ops it misses on CPU.
 
 The convention is torch.utils.flop_counter's: FLOPs = 2 x multiply-accumulates of matmul, bmm and
-fused attention, nothing for elementwise ops, softmax or norms, no discount for causal masks (the
-counter charges what the kernel is asked to compute). Backward is counted when ``.backward()`` runs
-inside the counted function.
+fused attention, nothing for elementwise ops, softmax or norms. Backward is counted when
+``.backward()`` runs inside the counted function.
 
 torch 2.13 counts the CPU fused attention ``aten._scaled_dot_product_flash_attention_for_cpu``
 (what ``F.scaled_dot_product_attention`` runs on CPU) and its backward as 0 FLOPs (pytorch#195460).
 ``count_flops`` registers the formulas torch uses for the other SDPA variants for them: forward
-``2*B*H*Tq*Tk*E + 2*B*H*Tq*Tk*Ev`` and backward twice that.
+``2*B*H*Tq*Tk*(E + Ev)`` and backward ``2*B*H*Tq*Tk*(3*E + 2*Ev)`` (the scores are recomputed,
+then dP, dV, dQ and dK), as ``torch.utils.flop_counter.sdpa_backward_flop_count``. One
+deviation: with ``is_causal`` the CPU kernel skips the masked tiles, so it is charged the
+(query, key) pairs the mask allows, not the whole square (torch's own formulas for the CUDA ops
+charge the square).
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, baddbmm_flop
+
+from .attention_regions import causal_pairs
 
 aten = torch.ops.aten
 
@@ -37,28 +42,41 @@ def sdpa_forward_flops(query_shape: Shape, key_shape: Shape, value_shape: Shape)
 
 
 def sdpa_backward_flops(query_shape: Shape, key_shape: Shape, value_shape: Shape) -> int:
-    """FLOPs of one fused attention backward: the scores recomputed, dP, dV, dQ and dK.
-
-    Equals twice the forward, as torch's ``sdpa_backward_flop_count``.
-    """
+    """FLOPs of one fused attention backward: the scores recomputed (E), dP and dV (Ev each), dQ
+    and dK (E each), as torch's ``sdpa_backward_flop_count``."""
     b, h, tq, e = query_shape
     tk = key_shape[-2]
     ev = value_shape[-1]
-    return 2 * b * h * tq * tk * (e + ev + ev + e)
+    return 2 * b * h * tq * tk * (3 * e + 2 * ev)
 
 
-def _cpu_flash_forward(query, key, value, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_forward_flops(query, key, value)
+def _causal_share(query: Shape, key: Shape, is_causal: bool) -> tuple[int, int]:
+    """(allowed pairs, all pairs) per head for the CPU kernel's top-left causal mask."""
+    lq, lk = query[-2], key[-2]
+    return (causal_pairs(lq, lk) if is_causal else lq * lk), lq * lk
 
 
-def _cpu_flash_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_backward_flops(query, key, value)
+def _cpu_flash_forward(query, key, value, dropout_p=0.0, is_causal=False, *args,
+                       out_shape=None, **kwargs) -> int:
+    allowed, every = _causal_share(query, key, is_causal)
+    return sdpa_forward_flops(query, key, value) // every * allowed
+
+
+def _cpu_flash_backward(grad_out, query, key, value, out, logsumexp, dropout_p=0.0,
+                        is_causal=False, *args, out_shape=None, **kwargs) -> int:
+    allowed, every = _causal_share(query, key, is_causal)
+    return sdpa_backward_flops(query, key, value) // every * allowed
 
 
 # Ops that torch 2.13 runs but counts as 0; shape-only formulas, as torch's own registry holds.
+def _baddbmm_inplace(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    return baddbmm_flop(self_shape, a_shape, b_shape)
+
+
 CUSTOM_FLOP_FORMULAS: dict[Any, Callable[..., int]] = {
     aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_forward,
     aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_backward,
+    aten.baddbmm_: _baddbmm_inplace,  # torch counts baddbmm but not its in-place form
 }
 
 

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .attention_kernels import check_levels
+from .attention_plan import kv_floats
+from .attention_regions import check_levels
 from .errors import SpecError
 
 
@@ -36,8 +37,10 @@ class MultilevelKVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         max_len: int = 2048,
+        mean: bool = False,
     ) -> None:
         check_levels(widths, block_sizes)
+        self.mean = mean  # mean_over_shared_levels: divide by the shared levels of width > 0
         self.widths, self.block_sizes = tuple(widths), tuple(block_sizes)
         self.starts = [sum(widths[:l]) for l in range(len(widths))]
         self.max_len, self.length = max_len, 0
@@ -56,6 +59,7 @@ class MultilevelKVCache:
         B, H = q_t.shape[:2]
         self.values[:, :, t] = v_t[:, :, 0]
         scores = q_t.new_zeros(B, H, 1, t + 1)  # (B, H, 1, t + 1)
+        shared = q_t.new_zeros(t + 1)  # levels each key shares with position t
         for l, (w, bs) in enumerate(zip(self.widths, self.block_sizes, strict=True)):
             if w == 0:
                 continue
@@ -64,6 +68,9 @@ class MultilevelKVCache:
             self.keys[l][:, :, t - start] = k_t[:, :, 0, feats]  # overwrites the previous block
             held = self.keys[l][:, :, : t - start + 1]  # (B, H, t - start + 1, w)
             scores[..., start:] += q_t[..., feats] @ held.transpose(-1, -2)
+            shared[start:] += 1
+        if self.mean:
+            scores = scores / shared.clamp(min=1)
         self.length = t + 1
         return torch.softmax(scores, dim=-1) @ self.values[:, :, : t + 1]
 
@@ -92,13 +99,7 @@ def kv_cache_bytes_per_token(
     current block, ``(T - 1) % bs + 1`` of them. For T a multiple of every block size this is the
     bound ``(r_0 T + sum_l r_l bs_l + dv T) / T`` of the reference notes.
     """
-    check_levels(widths, block_sizes)
-    if T <= 0:
-        return 0.0
-    floats = dv * T
-    for w, bs in zip(widths, block_sizes, strict=True):
-        floats += w * (T if bs is None else (T - 1) % bs + 1)
-    return floats * dtype_bytes / T
+    return kv_floats(widths, block_sizes, dv, T) * dtype_bytes / T if T > 0 else 0.0
 
 
 class WindowKVCache:

@@ -125,11 +125,11 @@ class StructuredLinear(nn.Module):
         R = ws[0].reshape(k * c, d, b * s)  # R[k, i, j, b, s] -> (k*c, d, b*s)
         L = ws[1].reshape(k * b, c * s, a)  # L[k, b, i, s, a] -> (k*b, c*s, a)
         dims = (k, c, d, a, b, s)
-        if x.device.type != "cpu" or x.shape[0] <= 2 * BTT_ROW_CHUNK:
-            return _BTT.apply(x, R, L, dims)
         # On CPU, chunks of rows keep the intermediates in cache: 0.23 -> 0.33 of dense
         # GFLOP/s at D=4096 (benchmarks/bench_matrices.py); the same bmm, so the same FLOPs.
-        return torch.cat([_BTT.apply(xc, R, L, dims) for xc in x.split(BTT_ROW_CHUNK)])
+        chunk = x.shape[0] if x.device.type != "cpu" or x.shape[0] <= 2 * BTT_ROW_CHUNK \
+            else BTT_ROW_CHUNK
+        return _BTT.apply(x, R, L, (*dims, chunk))
 
     @torch.no_grad()
     def materialize(self) -> Tensor:
@@ -158,42 +158,55 @@ class _BTT(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, R: Tensor, L: Tensor, dims: tuple[int, ...]) -> Tensor:
-        k, c, d, a, b, s = dims
+        k, c, d, a, b, s, chunk = dims
         N = x.shape[0]
         if x.stride(-1) != 1:
             x = x.contiguous()
-        xT = x.reshape(N, k * c, d).permute(1, 2, 0)  # (k*c, d, N), column-major items
-        zT = torch.bmm(R.transpose(1, 2), xT)  # (k*c, b*s, N)
-        zz = zT.view(k, c, b, s, N).transpose(1, 2).reshape(k * b, c * s, N)  # (k*b, c*s, N)
-        y = torch.bmm(zz.transpose(1, 2), L)  # (k*b, N, a)
-        ctx.save_for_backward(xT, R, L, zz)
+        y = x.new_empty(N, k * a * b)
+        zzs = []
+        for r0 in range(0, N, chunk):  # chunks of rows: the intermediates stay in cache
+            n = min(chunk, N - r0)
+            xT = x[r0:r0 + n].reshape(n, k * c, d).permute(1, 2, 0)  # (k*c, d, n) col-major
+            zT = torch.bmm(R.transpose(1, 2), xT)  # (k*c, b*s, n)
+            zz = zT.view(k, c, b, s, n).transpose(1, 2).reshape(k * b, c * s, n)  # (k*b, c*s, n)
+            yc = torch.bmm(zz.transpose(1, 2), L)  # (k*b, n, a)
+            y[r0:r0 + n].view(n, k, a, b).copy_(yc.view(k, b, n, a).permute(2, 0, 3, 1))
+            zzs.append(zz)
+        ctx.save_for_backward(x, R, L, *zzs)
         ctx.dims = dims
-        return y.view(k, b, N, a).permute(2, 0, 3, 1).contiguous().view(N, k * a * b)
+        return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gout: Tensor) -> tuple[Tensor | None, ...]:
-        xT, R, L, zz = ctx.saved_tensors
-        dt = zz.dtype  # bf16 under autocast (whose casts do not reach a custom backward)
-        xT, R, L, gout = xT.to(dt), R.to(dt), L.to(dt), gout.to(dt)  # no-ops in float32
-        k, c, d, a, b, s = ctx.dims
+        x, R, L, *zzs = ctx.saved_tensors
+        dt = zzs[0].dtype  # bf16 under autocast (whose casts do not reach a custom backward)
+        x, R, L, gout = x.to(dt), R.to(dt), L.to(dt), gout.to(dt)  # no-ops in float32
+        k, c, d, a, b, s, chunk = ctx.dims
         N = gout.shape[0]
-        # (N, k, a, b) -> (N, k, b, a): a transpose within each row, cheaper than a global one;
-        # then a view (k*b, N, a) whose items are row-major with row stride k*b*a
-        gy = gout.reshape(N, k, a, b).transpose(2, 3).contiguous().view(N, k * b, a)
-        gy = gy.transpose(0, 1)
-        gx = gR = gL = None
-        if ctx.needs_input_grad[2]:
-            gL = torch.bmm(zz, gy)  # (k*b, c*s, a)
-        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
-            return gx, gR, gL, None
-        gzz = torch.bmm(L, gy.transpose(1, 2))  # (k*b, c*s, N)
-        gzT = gzz.view(k, b, c, s, N).transpose(1, 2).reshape(k * c, b * s, N)  # (k*c, b*s, N)
-        if ctx.needs_input_grad[1]:
-            gR = torch.bmm(xT, gzT.transpose(1, 2))  # (k*c, d, b*s)
-        if ctx.needs_input_grad[0]:
-            gx = torch.bmm(gzT.transpose(1, 2), R.transpose(1, 2))  # (k*c, N, d)
-            gx = gx.transpose(0, 1).contiguous().view(N, k * c * d)
+        need_x, need_R, need_L = ctx.needs_input_grad[:3]
+        gx = x.new_empty(N, k * c * d) if need_x else None
+        gR = gL = None
+        for i, r0 in enumerate(range(0, N, chunk)):
+            n = min(chunk, N - r0)
+            zz = zzs[i]
+            # (n, k, a, b) -> (n, k, b, a): a transpose within each row, cheaper than a global
+            # one; then a view (k*b, n, a) whose items are row-major with row stride k*b*a
+            gy = gout[r0:r0 + n].reshape(n, k, a, b).transpose(2, 3).contiguous()
+            gy = gy.view(n, k * b, a).transpose(0, 1)
+            if need_L:  # (k*b, c*s, a), accumulated over chunks in the same bmm
+                gL = torch.bmm(zz, gy) if gL is None else gL.baddbmm_(zz, gy)
+            if not (need_x or need_R):
+                continue
+            gzz = torch.bmm(L, gy.transpose(1, 2))  # (k*b, c*s, n)
+            gzT = gzz.view(k, b, c, s, n).transpose(1, 2).reshape(k * c, b * s, n)
+            if need_R:  # (k*c, d, b*s)
+                xT = x[r0:r0 + n].reshape(n, k * c, d).permute(1, 2, 0)  # (k*c, d, n)
+                gzt = gzT.transpose(1, 2)
+                gR = torch.bmm(xT, gzt) if gR is None else gR.baddbmm_(xT, gzt)
+            if need_x:
+                gxc = torch.bmm(gzT.transpose(1, 2), R.transpose(1, 2))  # (k*c, n, d)
+                gx[r0:r0 + n].view(n, k * c, d).copy_(gxc.transpose(0, 1))
         return gx, gR, gL, None
 
 

@@ -16,11 +16,12 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from .btc import BTC
+from .btc import BTC, MAX_SIZE
 from .errors import SpecError
 from .presets import PRESETS, build_preset
 
 STRUCTURE_KEYS = tuple(PRESETS) + ("btc",)
+MAX_LEVELS = 32
 _SHORTHANDS = ("mlr", "block_diag")
 
 
@@ -66,6 +67,8 @@ class MatrixSpec:
         for name, v in (("in", self.n_in), ("out", self.n_out)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise SpecError(f"{name} must be an integer >= 1, got {v!r}", (name,))
+            if v > MAX_SIZE:
+                raise SpecError(f"{name} must be at most {MAX_SIZE:,} (2^24), got {v}", (name,))
         if not self.levels:
             raise SpecError("a matrix needs at least one level", ("levels",))
         for l, level in enumerate(self.levels):
@@ -207,6 +210,9 @@ def _mlr(d: Any, n: int, m: int, path: tuple) -> tuple[Level, ...]:
     ranks = d["ranks"]
     if not isinstance(ranks, list) or not ranks:
         raise SpecError("ranks must be a non-empty list of integers", path + ("ranks",))
+    if len(ranks) > MAX_LEVELS:
+        raise SpecError(f"ranks may have at most {MAX_LEVELS} levels, got {len(ranks)}",
+                        path + ("ranks",))
     blocks = d.get("blocks", [2**i for i in range(len(ranks))])
     if not isinstance(blocks, list) or len(blocks) != len(ranks):
         raise SpecError(f"blocks must be a list of {len(ranks)} integers (one per rank)",

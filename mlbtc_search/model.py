@@ -22,8 +22,8 @@ import hashlib
 import json
 import math
 import sys
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import MISSING, dataclass, fields, replace
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,9 @@ from torch import Tensor, nn
 
 from . import kv_cache
 from .attention import Attention
+from .attention_plan import attention_plan
 from .attention_spec import AttentionSpec
+from .btc import MAX_SIZE
 from .checks import check_int as _int
 from .errors import SpecError
 from .linear import StructuredLinear
@@ -39,6 +41,8 @@ from .matrix import MatrixSpec
 from .plan import flops as matrix_flops
 
 INPUT_KINDS = ("vector", "tokens", "series")
+MAX_DEPTH = 1024
+MAX_BUILD_PARAMS = 10**10  # 40 GB of float32 weights: checked before anything is allocated
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,12 @@ class ModelSpec:
     base_width: int = 64
     rms_cap: bool = False
     task: tuple[tuple[str, Any], ...] | None = None  # {name, options} the model was made for
+
+    # defaults of the YAML keys that are not fields (``depth`` and ``mlp_ratio`` shape ``layers``
+    # and the MLP matrices)
+    DEFAULT_DEPTH: ClassVar[int] = 2
+    DEFAULT_MLP_RATIO: ClassVar[int] = 4
+    DEFAULT_MLP: ClassVar[dict] = {"dense": {}}
 
     def __post_init__(self) -> None:
         if len(self.layers) != self.depth:
@@ -165,13 +175,13 @@ class ModelSpec:
             if key not in MODEL_KEYS:
                 raise SpecError(f"unknown key {key!r}; valid keys: {', '.join(MODEL_KEYS)}",
                                 path + (key,))
-        width = _int(d.get("width"), path + ("width",), "width")
-        depth = _int(d.get("depth", 2), path + ("depth",), "depth")
+        width = _int(d.get("width"), path + ("width",), "width", high=MAX_SIZE)
+        depth = _int(d.get("depth", cls.DEFAULT_DEPTH), path + ("depth",), "depth", high=MAX_DEPTH)
         T = d.get("max_seq_len", seq_len)
         if T is None:
             raise SpecError("max_seq_len is needed (or train with a task, which sets it)",
                             path + ("max_seq_len",))
-        T = _int(T, path + ("max_seq_len",), "max_seq_len")
+        T = _int(T, path + ("max_seq_len",), "max_seq_len", high=MAX_SIZE)
         doc_adapter = d.get("adapter")
         if isinstance(adapter, dict):
             adapter = AdapterSpec.from_dict(adapter)
@@ -193,8 +203,9 @@ class ModelSpec:
                                 path + ("layers",))
             layers = tuple(AttentionSpec.from_dict(a, width, T, path + ("layers", i))
                            for i, a in enumerate(raw))
-        ratio = _int(d.get("mlp_ratio", 4), path + ("mlp_ratio",), "mlp_ratio")
-        mlp = d.get("mlp", {"dense": {}})
+        ratio = _int(d.get("mlp_ratio", cls.DEFAULT_MLP_RATIO), path + ("mlp_ratio",),
+                     "mlp_ratio", high=MAX_SIZE // width)
+        mlp = d.get("mlp", cls.DEFAULT_MLP)
         if isinstance(mlp, str):
             mlp = {mlp: {}}
         if not isinstance(mlp, dict):
@@ -205,15 +216,20 @@ class ModelSpec:
         task = d.get("task")
         if task is not None and not isinstance(task, dict):
             raise SpecError("task must be a mapping {name, options}", path + ("task",))
-        base = _int(d.get("base_width", 64), path + ("base_width",), "base_width")
-        rms_cap = d.get("rms_cap", False)
+        base = _int(d.get("base_width", _DEFAULTS["base_width"]), path + ("base_width",),
+                    "base_width", high=MAX_SIZE)
+        rms_cap = d.get("rms_cap", _DEFAULTS["rms_cap"])
         if not isinstance(rms_cap, bool):
             raise SpecError("rms_cap must be true or false", path + ("rms_cap",))
         try:
-            return cls(width, depth, layers, up, down, T, ad, d.get("positions", "learned"),
-                       base, rms_cap, _freeze(task) if task is not None else None)
+            return cls(width, depth, layers, up, down, T, ad,
+                       d.get("positions", _DEFAULTS["positions"]), base, rms_cap,
+                       _freeze(task) if task is not None else None)
         except SpecError as err:
             raise err.prefixed(path) from None
+
+
+_DEFAULTS = {f.name: f.default for f in fields(ModelSpec) if f.default is not MISSING}
 
 
 def _freeze(value: Any) -> Any:
@@ -276,6 +292,10 @@ class Transformer(nn.Module):
             raise SpecError("the model has no adapter: build it for a task (ModelSpec."
                             "from_dict(..., adapter=task adapter)) or give adapter in the spec",
                             ("adapter",))
+        n = model_params(spec, embedding=True)
+        if n > MAX_BUILD_PARAMS:
+            raise SpecError(f"the model has {n:,} parameters ({4 * n / 1e9:,.0f} GB in "
+                            f"float32); at most {MAX_BUILD_PARAMS:,} can be built", ("width",))
         self.spec = spec
         a, D = spec.adapter, spec.width
         if a.input_kind == "tokens":
@@ -325,7 +345,8 @@ class Transformer(nn.Module):
                 else:
                     layer.append(kv_cache.MultilevelKVCache(
                         f.level_widths, [lv.block_size for lv in g.levels], batch, f.heads,
-                        attn.head_dim, p.dtype, p.device, max_len))
+                        attn.head_dim, p.dtype, p.device, max_len,
+                        attn.spec.mean_over_shared_levels))
             caches.append(layer)
         return caches
 
@@ -377,15 +398,10 @@ def build_model(spec: ModelSpec) -> Transformer:
     return Transformer(spec)
 
 
-# ---- analytic costs -----------------------------------------------------------------------
-def _attention_modules(spec: ModelSpec) -> list[Attention]:
-    # Attention modules are cheap to build at these sizes; build them on the meta device.
-    with torch.device("meta"):
-        return [Attention(a) for a in spec.layers]
-
-
+# ---- analytic costs (pure data: attention_plan, plan) --------------------------------------
 def layer_costs(spec: ModelSpec, seq_len: int | None = None) -> list[dict]:
-    """Params, FLOPs per token and KV-cache bytes per token of each layer at ``seq_len``.
+    """Params, FLOPs per token (forward; ``train_flops_per_token``: forward + backward) and
+    KV-cache bytes per token of each layer at ``seq_len``.
 
     Cached per (spec, length): model_flops, model_params and kv_cache_bytes all read it, and the
     search and the training loop ask for the same specs many times.
@@ -403,32 +419,41 @@ def _layer_costs(spec: ModelSpec, T: int) -> tuple[dict, ...]:
     mlp_f = matrix_flops(spec.mlp_up) + matrix_flops(spec.mlp_down)
     mlp_p = spec.mlp_up.params + spec.mlp_down.params
     out = []
-    for a, mod in zip(spec.layers, _attention_modules(spec), strict=True):
-        attn_p = sum(p.numel() for p in mod.parameters())
+    for a in spec.layers:
+        plan = attention_plan(a)
+        attn_f = plan.flops_per_token(T)
+        attn_train = plan.flops_per_token(T, backward=True)
         out.append({
             "attention": a.kind, "heads": a.heads,
-            "params": attn_p + mlp_p + 2 * spec.width,
-            "attention_params": attn_p, "mlp_params": mlp_p,
-            "flops_per_token": mod.flops_per_token(T) + mlp_f,
-            "attention_flops_per_token": mod.flops_per_token(T),
+            "params": plan.params + mlp_p + 2 * spec.width,
+            "attention_params": plan.params, "mlp_params": mlp_p,
+            "flops_per_token": attn_f + mlp_f,
+            "attention_flops_per_token": attn_f,
             "mlp_flops_per_token": mlp_f,
-            "kv_cache_bytes_per_token": mod.kv_cache_bytes_per_token(T),
+            "train_flops_per_token": attn_train + 3 * mlp_f,
+            "kv_cache_bytes_per_token": plan.kv_cache_bytes_per_token(T),
         })
     return tuple(out)
 
 
-def embedding_flops_per_token(spec: ModelSpec) -> int:
+def embedding_flops_per_token(spec: ModelSpec, backward: bool = False) -> int:
+    """Read-in (none for token embeddings) and read-out FLOPs per token. Backward: the read-out
+    twice (input and weight gradients), a vector read-in once (its input needs no gradient)."""
     a = spec.adapter
     if a is None:
         return 0
     read_in = 0 if a.input_kind == "tokens" else 2 * a.input_dim * spec.width
-    return read_in + 2 * spec.width * a.output_dim
+    read_out = 2 * spec.width * a.output_dim
+    return 2 * read_in + 3 * read_out if backward else read_in + read_out
 
 
-def model_flops(spec: ModelSpec, seq_len: int | None = None, embedding: bool = False) -> float:
-    """Forward FLOPs per token at ``seq_len`` (default max_seq_len); non-embedding by default."""
-    total = sum(c["flops_per_token"] for c in layer_costs(spec, seq_len))
-    return total + (embedding_flops_per_token(spec) if embedding else 0)
+def model_flops(spec: ModelSpec, seq_len: int | None = None, embedding: bool = False,
+                backward: bool = False) -> float:
+    """FLOPs per token at ``seq_len`` (default max_seq_len): forward, or with ``backward`` one
+    training step's forward + backward; non-embedding by default."""
+    key = "train_flops_per_token" if backward else "flops_per_token"
+    total = sum(c[key] for c in layer_costs(spec, seq_len))
+    return total + (embedding_flops_per_token(spec, backward) if embedding else 0)
 
 
 def model_params(spec: ModelSpec, embedding: bool = False) -> int:

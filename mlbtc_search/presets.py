@@ -10,12 +10,31 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from math import prod
 
-from .btc import BTC
+from .btc import BTC, MAX_CORES
 from .errors import SpecError
 
 
+def prime_factors(n: int) -> dict[int, int]:
+    """{prime: exponent} by trial division up to sqrt(n) (at most 4,096 steps for sizes up to
+    MAX_SIZE = 2^24; the caller checks the size first)."""
+    out: dict[int, int] = {}
+    p = 2
+    while p * p <= n:
+        while n % p == 0:
+            out[p] = out.get(p, 0) + 1
+            n //= p
+        p += 1 if p == 2 else 2
+    if n > 1:
+        out[n] = out.get(n, 0) + 1
+    return out
+
+
 def divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    """The divisors of n, ascending, from its prime factorization (not by trying 1..n)."""
+    divs = [1]
+    for p, e in prime_factors(n).items():
+        divs = [d * p**k for d in divs for k in range(e + 1)]
+    return sorted(divs)
 
 
 def balanced_factors(n: int, k: int = 2) -> list[int]:
@@ -99,8 +118,9 @@ def tensor_train(n: int, m: int, cores: int = 3, ranks: Sequence[int] | int = 1,
                  in_factors: Sequence[int] | None = None,
                  out_factors: Sequence[int] | None = None, path: tuple = ()) -> BTC:
     """Tensor-train (matrix product operator) with c >= 2 cores G_k[r_{k-1}, i_k, o_k, r_k]."""
-    if isinstance(cores, bool) or not isinstance(cores, int) or cores < 2:
-        raise SpecError(f"cores must be an integer >= 2, got {cores!r}", path + ("cores",))
+    if isinstance(cores, bool) or not isinstance(cores, int) or not 2 <= cores <= MAX_CORES:
+        raise SpecError(f"cores must be an integer between 2 and {MAX_CORES}, got {cores!r}",
+                        path + ("cores",))
     if isinstance(ranks, int) and not isinstance(ranks, bool):
         ranks = [ranks] * (cores - 1)
     if not isinstance(ranks, list | tuple) or len(ranks) != cores - 1:
@@ -167,6 +187,8 @@ def theta(n: int, m: int, exponents: Sequence[float] | str, path: tuple = ()) ->
     out_axes = tuple((x, sizes[x]) for x in "fed" if sizes[x] > 1) or (("d", nd),)
     core_a, core_b = keep("fdrga"), keep("ferg" + "b")
     bonds = (("r", nr),) if nr > 1 else ()
+    if not core_a or not core_b:  # a corner such as (1|0|0|1|0|0|0): one dense core
+        return BTC(in_axes, out_axes, (), (core_a or core_b,))
     if not set(core_a) & set(core_b):
         # the cores share no axis (e.g. a rank-1 outer product): join them by the rank axis,
         # kept even at size 1 so that the contraction graph stays connected

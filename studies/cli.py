@@ -34,26 +34,33 @@ def search(args: argparse.Namespace) -> int:
     progress = Progress()
     outcome = run_search(space, address=getattr(args, "address", None), progress=progress)
     note = None
-    if outcome.exhausted:
+    if outcome.already_complete:
+        note = (f"the study already had its {outcome.snapshot.done} trials: nothing was run "
+                "(raise --trials to continue it)")
+    elif outcome.exhausted:
         note = ("stopped early: the sampler kept proposing infeasible or duplicate candidates "
                 "(the space may be exhausted; widen it or lower trials)")
+    elif outcome.resumed:
+        note = f"resumed: this run trained {outcome.new_trials} trial(s)"
     sys.stdout.write(format_summary(
         study_name=outcome.study_name, storage_url=outcome.storage_url,
-        artifact_dir=str(outcome.artifact_dir), snapshot=outcome.snapshot, front=outcome.front,
-        interrupted=outcome.interrupted, note=note) + "\n")
+        artifact_dir=str(outcome.artifact_dir), snapshot=outcome.snapshot,
+        front=[r.row() for r in outcome.front], interrupted=outcome.interrupted, note=note,
+        default_storage=space.storage is None) + "\n")
     sys.stdout.flush()
     return EXIT_INTERRUPTED if outcome.interrupted else 0
 
 
 STUDY_COLUMNS = (("study", "name", ""), ("task", "task", ""), ("trials", "trials", ""),
-                 ("ok", "ok", ""), ("failed", "failed", ""), ("infeasible", "infeasible", ""),
+                 ("ok", "complete", ""), ("failed", "failed", ""),
+                 ("interrupted", "interrupted", ""), ("infeasible", "infeasible", ""),
                  ("duplicate", "duplicate", ""), ("running", "running", ""),
                  ("best loss", "best_loss", ".4g"), ("front", "front_size", ""),
                  ("hypervolume", "hypervolume", ".4g"), ("last update", "last_update", ""))
 
 
 def studies(args: argparse.Namespace) -> int:
-    """List the studies of a storage (``--json``: a list of objects)."""
+    """List the studies of a storage (``--json``: a list of :func:`study_summary` objects)."""
     from .storage import list_studies, mask_url, open_storage
 
     storage = open_storage(getattr(args, "storage", None), create=False)
@@ -64,48 +71,32 @@ def studies(args: argparse.Namespace) -> int:
     if not rows:
         sys.stdout.write(f"no studies in {mask_url(storage.url)}\n")
         return 0
-    table = []
-    for r in rows:
-        st = r["statuses"]
-        table.append({**r, "ok": st.get("ok", 0), "failed": st.get("failed", 0),
-                      "infeasible": st.get("infeasible", 0),
-                      "duplicate": st.get("duplicate", 0),
-                      "running": st.get("running", 0),
-                      "last_update": (r["last_update"] or "-")[:19].replace("T", " ")})
+    table = [{**r, **r["states"], "last_update": (r["last_update"] or "-")[:19].replace("T", " ")}
+             for r in rows]
     sys.stdout.write(format_table(table, STUDY_COLUMNS) + "\n")
     return 0
 
 
-PARETO_COLUMNS = (("trial", "trial", ""), ("family", "family", ""), ("val_loss", "loss", ".4g"),
-                  ("metric", "metric", ".4g"), ("FLOPs/token", "flops", ",.0f"),
-                  ("params", "params_count", ","), ("hash", "hash", ""))
-
-
 def pareto(args: argparse.Namespace) -> int:
     """The non-dominated COMPLETE trials of a study and its hypervolume."""
-    from .pareto import front_rows, study_hypervolume, study_rows
-    from .storage import load_study, open_storage
+    from .pareto import front, hypervolume
+    from .progress import FRONT_COLUMNS
+    from .storage import load_records, load_study, open_storage
 
     storage = open_storage(getattr(args, "storage", None), create=False)
     study = load_study(storage, args.study)
-    rows = study_rows(study)
-    front = front_rows(study, rows)
-    hv = study_hypervolume(rows)
+    recs = load_records(study)
+    best = front(recs)
+    hv = hypervolume(recs)
     if getattr(args, "json", False):
-        _write_json([{
-            "trial": r["trial"], "loss": r["loss"], "flops": r["flops"], "hash": r["hash"],
-            "family": r["family"], "metric": r["metric"], "metric_name": r["metric_name"],
-            "params": r["params"], "params_count": r["params_count"],
-            "kv_cache_bytes_per_token": r["kv_cache_bytes_per_token"], "values": r["values"],
-            "hypervolume": hv,
-        } for r in front])
+        _write_json([{**r.row(), "hypervolume": hv} for r in best])
         return 0
-    done = sum(1 for r in rows if r["state"] == "COMPLETE")
+    done = sum(1 for r in recs if r.state == "complete")
     hv_text = "-" if hv is None else f"{hv:.4g}"
-    sys.stdout.write(f"study {study.study_name!r}: {len(front)} non-dominated of {done} "
+    sys.stdout.write(f"study {study.study_name!r}: {len(best)} non-dominated of {done} "
                      f"completed trials; hypervolume {hv_text} (val_loss x log10 FLOPs/token)\n")
-    if front:
-        sys.stdout.write(format_table(front, PARETO_COLUMNS) + "\n")
+    if best:
+        sys.stdout.write(format_table([r.row() for r in best], FRONT_COLUMNS) + "\n")
     return 0
 
 

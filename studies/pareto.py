@@ -1,6 +1,8 @@
 """Pareto fronts and hypervolume of loss against FLOPs: pure functions over points and trials.
 
-Used by ``mlbtc pareto``/``mlbtc studies``, the live search progress and the dashboard.
+The one implementation of fronts, hypervolume and study summaries: ``mlbtc pareto``/``mlbtc
+studies``, the live search progress, export and the dashboard all use these, over points or
+over :class:`~studies.record.TrialRecord`.
 
 Conventions (both objectives are minimized):
 
@@ -16,12 +18,12 @@ Conventions (both objectives are minimized):
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
 from typing import Any
 
-import optuna
-from optuna.trial import FrozenTrial, TrialState
+from .record import STATES, StudyInfo, TrialRecord, json_safe
 
 Point = Sequence[float]
 
@@ -90,132 +92,105 @@ def hv_point(loss: float, flops: float) -> tuple[float, float]:
     return float(loss), math.log10(flops) if flops > 0 else math.nan
 
 
-# ---- trials -------------------------------------------------------------------------------
-def _values(t: FrozenTrial) -> tuple[float, float] | None:
-    if t.state != TrialState.COMPLETE or not t.values or len(t.values) < 2:
-        return None
-    loss, flops = float(t.values[0]), float(t.values[1])
-    if not (math.isfinite(loss) and math.isfinite(flops)):
-        return None
-    return loss, flops
+def hypervolume_history_points(points: Sequence[Point], reference: Point) -> list[float]:
+    """Hypervolume after each point in order, against one ``reference`` (never decreasing).
+
+    Incremental: a dominated point leaves the front and the area unchanged; a new front point
+    removes the points it dominates. Cost O(n log n + n * front size).
+    """
+    front_b: list[float] = []  # second coordinate ascending
+    front_a: list[float] = []  # first coordinate, strictly descending along the front
+    out: list[float] = []
+    area = 0.0
+    for p in points:
+        a, b = float(p[0]), float(p[1])
+        if not (_finite((a, b)) and a < reference[0] and b < reference[1]):
+            out.append(area)
+            continue
+        r = bisect.bisect_right(front_b, b)
+        if r > 0 and front_a[r - 1] <= a:  # weakly dominated: adds no area
+            out.append(area)
+            continue
+        i = j = bisect.bisect_left(front_b, b)
+        while j < len(front_b) and front_a[j] >= a:  # the points the new one dominates
+            j += 1
+        front_b[i:j] = [b]
+        front_a[i:j] = [a]
+        area = 0.0
+        for k, (fa, fb) in enumerate(zip(front_a, front_b, strict=True)):
+            nxt = front_b[k + 1] if k + 1 < len(front_b) else reference[1]
+            area += (nxt - fb) * (reference[0] - fa)
+        out.append(area)
+    return out
 
 
-def trial_row(t: FrozenTrial) -> dict[str, Any]:
-    """One trial as a flat, JSON-able dict (the trial table of the CLI and the dashboard)."""
-    ua = t.user_attrs
-    values = _values(t)
-    status = ua.get("status")
-    if status is None:
-        status = {TrialState.COMPLETE: "ok", TrialState.RUNNING: "running",
-                  TrialState.WAITING: "waiting"}.get(t.state, t.state.name.lower())
-    return {
-        "trial": t.number,
-        "state": t.state.name,
-        "status": status,
-        "loss": values[0] if values else ua.get("val_loss"),
-        "flops": values[1] if values else ua.get("flops_per_token"),
-        "values": list(t.values) if t.values else None,
-        "metric": ua.get("metric"),
-        "metric_name": ua.get("metric_name"),
-        "family": ua.get("family"),
-        "hash": ua.get("hash"),
-        "params_count": ua.get("params"),
-        "kv_cache_bytes_per_token": ua.get("kv_cache_bytes_per_token"),
-        "params": dict(t.params),
-        "reason": ua.get("reason"),
-        "duplicate_of": ua.get("duplicate_of"),
-        "retry_of": ua.get("retry_of"),
-        "duration_s": ua.get("duration_s"),
-        "started": t.datetime_start.isoformat() if t.datetime_start else None,
-        "completed": t.datetime_complete.isoformat() if t.datetime_complete else None,
-    }
+# ---- records ----------------------------------------------------------------------------------
+def front(recs: Sequence[TrialRecord]) -> list[TrialRecord]:
+    """The non-dominated COMPLETE records (loss vs FLOPs), cheapest first."""
+    done = [r for r in recs if r.point is not None]
+    idx = pareto_front([r.point for r in done])  # type: ignore[misc]
+    return sorted((done[i] for i in idx),
+                  key=lambda r: (r.flops_per_token, r.val_loss, r.number))
 
 
-def study_rows(study: optuna.Study, trials: Sequence[FrozenTrial] | None = None
-               ) -> list[dict[str, Any]]:
-    """Every trial as a :func:`trial_row`, reading the storage once (never ``study.trials``)."""
-    trials = study.get_trials(deepcopy=False) if trials is None else trials
-    return [trial_row(t) for t in trials]
+def hv_points(recs: Sequence[TrialRecord]) -> list[tuple[int, tuple[float, float]]]:
+    """``(number, (loss, log10 flops))`` of the COMPLETE records in trial-number order."""
+    out = []
+    for r in sorted(recs, key=lambda r: r.number):
+        if r.point is not None:
+            p = hv_point(*r.point)
+            if _finite(p):
+                out.append((r.number, p))
+    return out
 
 
-def front_rows(study: optuna.Study, rows: Sequence[dict[str, Any]] | None = None
-               ) -> list[dict[str, Any]]:
-    """The non-dominated COMPLETE trials (loss vs FLOPs), cheapest first."""
-    rows = study_rows(study) if rows is None else rows
-    done = [r for r in rows if r["state"] == "COMPLETE" and r["values"]]
-    front = pareto_front([(r["loss"], r["flops"]) for r in done])
-    return sorted((done[i] for i in front), key=lambda r: (r["flops"], r["loss"]))
+def hypervolume(recs: Sequence[TrialRecord], reference: Point | None = None) -> float | None:
+    """Hypervolume of the COMPLETE records in (loss, log10 FLOPs); None without any."""
+    points = [p for _, p in hv_points(recs)]
+    return hypervolume_2d(points, reference) if points else None
 
 
-def study_hypervolume(rows: Sequence[dict[str, Any]],
-                      reference: Point | None = None) -> float | None:
-    """Hypervolume of the COMPLETE rows in (loss, log10 FLOPs); None without any."""
-    points = [hv_point(r["loss"], r["flops"]) for r in rows
-              if r["state"] == "COMPLETE" and r["values"]]
-    points = [p for p in points if _finite(p)]
-    if not points:
-        return None
-    return hypervolume_2d(points, reference)
-
-
-def hypervolume_history(study: optuna.Study, rows: Sequence[dict[str, Any]] | None = None,
-                        reference: Point | None = None) -> list[dict[str, Any]]:
-    """``[{trial, hypervolume}]`` after each COMPLETE trial in trial-number order, all against
-    one reference point (default: that of all the COMPLETE trials), so it never decreases."""
-    rows = study_rows(study) if rows is None else rows
-    done = sorted((r for r in rows if r["state"] == "COMPLETE" and r["values"]),
-                  key=lambda r: r["trial"])
-    points = [hv_point(r["loss"], r["flops"]) for r in done]
-    finite = [p for p in points if _finite(p)]
-    if not finite:
+def hypervolume_history(recs: Sequence[TrialRecord], reference: Point | None = None
+                        ) -> list[tuple[int, float]]:
+    """``(trial number, hypervolume)`` after each COMPLETE trial, in trial-number order, all
+    against one reference (default: that of all the COMPLETE trials)."""
+    numbered = hv_points(recs)
+    if not numbered:
         return []
-    ref = default_reference(finite) if reference is None else reference
-    out: list[dict[str, Any]] = []
-    front: list[Point] = []
-    volume = 0.0
-    for r, p in zip(done, points, strict=True):
-        if _finite(p) and not any(q[0] <= p[0] and q[1] <= p[1] for q in front):
-            front = [q for q in front if not (p[0] <= q[0] and p[1] <= q[1])] + [p]
-            volume = hypervolume_2d(front, ref)
-        out.append({"trial": r["trial"], "hypervolume": volume})
+    points = [p for _, p in numbered]
+    ref = default_reference(points) if reference is None else reference
+    hist = hypervolume_history_points(points, ref)
+    return [(n, h) for (n, _), h in zip(numbered, hist, strict=True)]
+
+
+def count_states(recs: Sequence[TrialRecord]) -> dict[str, int]:
+    """How many records have each state (every state of :data:`STATES`, zeros included)."""
+    out = {s: 0 for s in STATES}
+    for r in recs:
+        out[r.state] = out.get(r.state, 0) + 1
     return out
 
 
-def count_statuses(rows: Sequence[dict[str, Any]]) -> dict[str, int]:
-    """How many trials have each status (ok, failed, infeasible, duplicate, running, waiting)."""
-    out: dict[str, int] = {}
-    for r in rows:
-        out[r["status"]] = out.get(r["status"], 0) + 1
-    return out
+def study_summary(name: str, info: StudyInfo, recs: Sequence[TrialRecord]) -> dict[str, Any]:
+    """One study in a line: ``mlbtc studies`` (and its JSON) and the dashboard's studies page.
 
-
-def study_summary(study: optuna.Study) -> dict[str, Any]:
-    """One line of ``mlbtc studies``: name, task, trial counts, best loss, front, hypervolume."""
-    trials = study.get_trials(deepcopy=False)
-    rows = study_rows(study, trials)
-    info = study.user_attrs.get("mlbtc") or {}
-    states: dict[str, int] = {}
-    for r in rows:
-        states[r["state"]] = states.get(r["state"], 0) + 1
-    losses = [r["loss"] for r in rows if r["state"] == "COMPLETE" and r["values"]]
-    times = [t.datetime_complete or t.datetime_start for t in trials]
-    times = [t for t in times if t is not None]
-    return {
-        "name": study.study_name,
-        "task": (info.get("task") or {}).get("name"),
-        "budget_flops": info.get("budget_flops"),
-        "trials": len(rows),
-        "states": states,
-        "statuses": count_statuses(rows),
+    Keys: name, task, budget_flops, trials, states (count per state), trained (counting towards
+    the study's total), best_loss, front_size, hypervolume, last_update (ISO time or None).
+    """
+    times = [t for r in recs for t in (r.completed, r.started) if t is not None]
+    losses = [r.val_loss for r in recs if r.point is not None]
+    return json_safe({
+        "name": name, "task": info.task_name, "budget_flops": info.budget_flops,
+        "trials": len(recs), "states": count_states(recs),
+        "trained": sum(1 for r in recs if r.trained),
         "best_loss": min(losses) if losses else None,
-        "front_size": len(front_rows(study, rows)),
-        "hypervolume": study_hypervolume(rows),
+        "front_size": len(front(recs)), "hypervolume": hypervolume(recs),
         "last_update": max(times).isoformat() if times else None,
-    }
+    })
 
 
 __all__ = [
-    "count_statuses", "default_reference", "front_rows", "hv_point", "hypervolume_2d",
-    "hypervolume_history", "pareto_front", "study_hypervolume", "study_rows", "study_summary",
-    "trial_row",
+    "count_states", "default_reference", "front", "hv_point", "hv_points", "hypervolume",
+    "hypervolume_2d", "hypervolume_history", "hypervolume_history_points", "pareto_front",
+    "study_summary",
 ]

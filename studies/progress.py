@@ -24,6 +24,7 @@ class Snapshot:
     ok: int
     running: int
     failed: int
+    interrupted: int  # Ctrl-C'd trials (re-queued; neither done nor failed)
     infeasible: int
     duplicate: int
     front_size: int
@@ -48,7 +49,8 @@ def format_duration(seconds: float | None) -> str:
 def format_line(s: Snapshot) -> str:
     hv = "--" if s.hypervolume is None else f"{s.hypervolume:.4g}"
     return (f"trials {s.done}/{s.target} done | ok {s.ok} | running {s.running} | "
-            f"failed {s.failed} | infeasible {s.infeasible} | duplicate {s.duplicate} | "
+            f"failed {s.failed} | interrupted {s.interrupted} | infeasible {s.infeasible} | "
+            f"duplicate {s.duplicate} | "
             f"front {s.front_size} | hypervolume {hv} | elapsed "
             f"{format_duration(s.elapsed_s)} | ETA {format_duration(s.eta_s)}")
 
@@ -79,7 +81,8 @@ class Progress:
         if not self.enabled:
             return
         now = time.monotonic()
-        key = (snap.done, snap.ok, snap.running, snap.failed, snap.infeasible, snap.duplicate)
+        key = (snap.done, snap.ok, snap.running, snap.failed, snap.interrupted, snap.infeasible,
+               snap.duplicate)
         if self.tty:
             if force or now - self._last_time >= self.interval_s:
                 self.stream.write("\r\x1b[2K" + format_line(snap))
@@ -120,20 +123,25 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, st
     return "\n".join(lines)
 
 
-FRONT_COLUMNS = (("trial", "trial", ""), ("family", "family", ""), ("val_loss", "loss", ".4g"),
-                 ("metric", "metric", ".4g"), ("FLOPs/token", "flops", ",.0f"),
-                 ("params", "params_count", ","), ("hash", "hash", ""))
+FRONT_COLUMNS = (("trial", "number", ""), ("family", "family", ""),
+                 ("val_loss", "val_loss", ".4g"), ("metric", "metric", ".4g"),
+                 ("FLOPs/token", "flops_per_token", ",.0f"), ("params", "params", ","),
+                 ("hash", "hash", ""))
 
 
 def format_summary(*, study_name: str, storage_url: str, artifact_dir: str,
                    snapshot: Snapshot, front: Sequence[dict[str, Any]],
-                   interrupted: bool, note: str | None = None) -> str:
-    """What ``mlbtc search`` prints at the end: counts, the front, where to look next."""
+                   interrupted: bool, note: str | None = None,
+                   default_storage: bool = False) -> str:
+    """What ``mlbtc search`` prints at the end: counts, the front (rows of
+    :meth:`studies.record.TrialRecord.row`), where to look next. ``default_storage``: the
+    storage is the default one, so the next commands need no ``--storage``."""
     head = "interrupted" if interrupted else "finished"
     hv = "-" if snapshot.hypervolume is None else f"{snapshot.hypervolume:.4g}"
     lines = [
         f"search {head}: study {study_name!r}, {snapshot.done}/{snapshot.target} trials trained "
-        f"(ok {snapshot.ok}, failed {snapshot.failed}), infeasible {snapshot.infeasible}, "
+        f"(ok {snapshot.ok}, failed {snapshot.failed}), interrupted {snapshot.interrupted}, "
+        f"infeasible {snapshot.infeasible}, "
         f"duplicate {snapshot.duplicate}, in {format_duration(snapshot.elapsed_s)}",
     ]
     if note:
@@ -142,11 +150,12 @@ def format_summary(*, study_name: str, storage_url: str, artifact_dir: str,
                  "(in val_loss x log10 FLOPs)")
     if front:
         lines.append(format_table(front, FRONT_COLUMNS))
+    flag = "" if default_storage else f" --storage {storage_url}"
     lines += [
         f"storage:   {storage_url}",
         f"artifacts: {artifact_dir}",
-        f"next:      mlbtc dashboard --storage {storage_url}",
-        f"           mlbtc pareto {study_name} --storage {storage_url}",
+        f"next:      mlbtc dashboard{flag}",
+        f"           mlbtc pareto {study_name}{flag}",
     ]
     if interrupted:
         lines.append("resume:    run the same mlbtc search command again")

@@ -32,13 +32,12 @@ Failure handling (all in the study, nothing is lost that finished):
   Ctrl-C aborts at once (the next run reaps what was left RUNNING);
 - NaN, divergence, training errors: FAIL with the reason, not retried (they would recur).
 
-STORAGE CONTRACT (what export and the dashboard rely on): an Optuna study with one
-``minimize`` direction per objective (``val_loss``, ``flops_per_token``, then any extra ones) and
-``set_metric_names`` of the objectives; study user attr ``mlbtc`` = {space, task, budget_flops,
-objectives, artifact_dir, code_version, ...}; trial user attrs status, reason, spec, hash,
-family, flops_per_token, params, kv_cache_bytes_per_token, val_loss, metric, metric_name, curve,
-seed, budget_flops, steps, train_flops, duration_s, code_version, weights_artifact_id (status
-ok), plus node/host (where it trained), train, retry_of/retried, duplicate_of, baseline.
+The storage contract (what the CLI, export and the dashboard read) is :mod:`studies.record`;
+the storage door (URL, opening, artifacts) is :mod:`studies.storage`.
+
+Order of a run: the space is validated (by the caller), the storage is peeked at read-only (an
+already-complete study starts no Ray), Ray is started or joined, and only then is the study
+created or loaded -- a failed ``--address`` join leaves no study (and no new database) behind.
 """
 
 from __future__ import annotations
@@ -56,10 +55,11 @@ from typing import Any
 
 from mlbtc_search.errors import UsageError
 
-from .pareto import front_rows, study_hypervolume, study_rows
+from .pareto import front, hypervolume
 from .progress import Progress, Snapshot
-from .space import SearchSpace, default_storage
-from .storage import STORAGE_ENV, mask_url, open_storage
+from .record import TrialRecord
+from .space import SearchSpace
+from .storage import load_records, mask_url, open_storage, resolve_url, study_names
 from .trials import Pending, Recorder, code_version, open_study, quiet_optuna
 
 log = logging.getLogger(__name__)
@@ -75,8 +75,10 @@ class SearchOutcome:
     storage_url: str
     artifact_dir: Path
     snapshot: Snapshot
-    front: list[dict[str, Any]]
+    front: list[TrialRecord]
     interrupted: bool
+    resumed: bool  # the study existed before this run
+    already_complete: bool  # it had its trials already: nothing was trained
     exhausted: bool
     stale: list[int]
     new_trials: int  # trials trained (or failed) by this run
@@ -85,9 +87,9 @@ class SearchOutcome:
 
 
 def storage_url_for(space: SearchSpace) -> str:
-    """``--storage`` or the file's ``storage:``, else ``$MLBTC_STORAGE``, else a SQLite file
-    named after the study beside the YAML file."""
-    return space.storage or os.environ.get(STORAGE_ENV) or default_storage(space)
+    """``--storage`` or the file's ``storage:``, else :func:`studies.storage.resolve_url`
+    (``$MLBTC_STORAGE``, else ``sqlite:///mlbtc.db`` in the working directory)."""
+    return resolve_url(space.storage)
 
 
 # ---- Ray ----------------------------------------------------------------------------------------
@@ -102,6 +104,8 @@ def connect_ray(space: SearchSpace, address: str | None) -> bool:
     verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
     common: dict[str, Any] = {"log_to_driver": verbose,
                               "logging_level": logging.INFO if verbose else logging.WARNING}
+    if address and address != "auto":
+        _check_reachable(address)
     try:
         if address:
             ray.init(address=address, **common)
@@ -128,14 +132,43 @@ def _check_gpus(space: SearchSpace) -> None:
                          "GPUs; use resources.gpus: 0 (CPU trials) or a machine with a GPU")
 
 
+JOIN_TIMEOUT_S = 5.0
+
+
+def _check_reachable(address: str) -> None:
+    """A one-line UsageError unless a TCP connection to the Ray head at ``address`` opens.
+
+    ``ray.init(address=...)`` retries an unreachable head for minutes (measured: still retrying
+    after 5 minutes, Ray 2.60), so a typo in ``--address`` would hang the search.
+    """
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"--address must be HOST:PORT of a Ray head (e.g. 127.0.0.1:6379), "
+                         f"got {address!r}")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=JOIN_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        raise UsageError(f"cannot join the Ray cluster at {address}: {exc.strerror or exc} "
+                         f"(is `ray start --head` running there?)") from None
+
+
 def _remote_run_trial(space: SearchSpace) -> Any:
+    """``submit(payload, number) -> ObjectRef``: one Ray task per trial, named after it."""
     import ray
 
     from .worker import run_trial
 
-    return ray.remote(run_trial).options(
-        num_cpus=space.resources["cpus"], num_gpus=space.resources["gpus"], max_retries=0,
-        retry_exceptions=False, name="mlbtc_trial")
+    fn = ray.remote(run_trial)
+    options = {"num_cpus": space.resources["cpus"], "num_gpus": space.resources["gpus"],
+               "max_retries": 0, "retry_exceptions": False}
+
+    def submit(payload: dict[str, Any], number: int) -> Any:
+        return fn.options(name=f"mlbtc-trial-{number}", **options).remote(payload)
+
+    return submit
 
 
 def _worker_error(exc: BaseException) -> str:
@@ -172,85 +205,142 @@ def run_search(space: SearchSpace, storage_url: str | None = None, address: str 
                progress: Progress | None = None, stop: StopFlag | None = None) -> SearchOutcome:
     """Run or resume the study of ``space`` until it has ``space.trials`` trained trials.
 
-    ``space`` must come from :func:`studies.space.load_space` (validated): nothing touches the
-    storage before that. Ray is reused when already initialised, else started locally (or
-    joined at ``address``) and shut down at the end.
+    ``space`` must come from :func:`studies.space.load_space` (validated). Ray is reused when
+    already initialised, else started locally (or joined at ``address``) and shut down at the
+    end; it is not started at all for a study that already has its trials.
     """
     space = space.prepare()  # builds the task and dry-runs a parsed space; no-op if prepared
     url = storage_url or storage_url_for(space)
     progress = progress or Progress(enabled=False)
     stop = stop or StopFlag()
-    version = code_version()
-    storage = open_storage(url)
-    study, artifact_dir = open_study(storage, space, url, version)
-    from optuna.artifacts import FileSystemArtifactStore
-
-    recorder = Recorder(study, space, FileSystemArtifactStore(str(artifact_dir)), version)
-    stale = recorder.reap_stale()
-    if stale:
-        progress.message(f"marked {len(stale)} trial(s) left RUNNING by a previous driver as "
-                         f"failed and re-queued them: {stale}")
-    recorder.enqueue_baselines()
-    start = time.monotonic()
-    new_trials = 0
-    exhausted = False
-    in_flight: dict[Any, Pending] = {}
-    first_submit: float | None = None
-    last_result = start
-
-    def snap() -> Snapshot:
-        elapsed = time.monotonic() - start
-        eta = None
-        if new_trials and first_submit is not None:
-            left = max(0, space.trials - recorder.counts.done)
-            eta = (last_result - first_submit) / new_trials * left
-        return recorder.snapshot(len(in_flight), elapsed, eta)
-
+    done_before = trained_so_far(url, space.name)
+    complete = done_before is not None and done_before >= space.trials
     with stop.installed():
         started_ray = False
-        remote: Any = None
         try:
-            if recorder.counts.done < space.trials and not stop.requested:
+            if not complete and not stop.requested:
                 started_ray = connect_ray(space, address)
                 _check_gpus(space)
-                remote = _remote_run_trial(space)
-            while not stop.requested:
-                while (not stop.requested and not exhausted and len(in_flight) < space.workers
-                       and recorder.counts.done + len(in_flight) < space.trials):
-                    pending = recorder.ask()
-                    if pending is None:
-                        exhausted = True
-                        progress.message("stopping: the sampler proposed only infeasible or "
-                                         "duplicate candidates for a while (space exhausted?)")
-                        break
-                    first_submit = first_submit or time.monotonic()
-                    in_flight[remote.remote(recorder.payload(pending))] = pending
-                progress.update(snap())
-                if not in_flight:
-                    break
-                new_trials += _collect(recorder, in_flight)
-                if new_trials:
-                    last_result = time.monotonic()
-            if stop.requested:
-                _interrupt(recorder, in_flight)
+            run = _Run(space, url, progress, stop)
+            run.announce(done_before)
+            if not complete:
+                run.loop()
         finally:
             if started_ray:
                 import ray
 
                 ray.shutdown()
-    final = snap()
-    progress.update(final, force=True)
-    progress.close()
+    return run.outcome(complete)
+
+
+def trained_so_far(url: str, name: str) -> int | None:
+    """Trained trials of study ``name`` if it exists (read-only peek), else None."""
+    storage = None
+    try:
+        storage = open_storage(url, create=False)
+        if name not in study_names(storage):
+            return None
+        return sum(1 for r in load_records(optuna_load(storage, name)) if r.trained)
+    except Exception:  # noqa: BLE001 - no database or no tables yet: a new study
+        return None
+    finally:
+        if storage is not None:
+            storage.engine.dispose()
+
+
+def optuna_load(storage: Any, name: str) -> Any:
+    import optuna
+
     with quiet_optuna():
-        rows = study_rows(study)
-    front = front_rows(study, rows)
-    final = Snapshot(**{**final.__dict__, "hypervolume": study_hypervolume(rows)})
-    return SearchOutcome(
-        study_name=space.name, storage_url=mask_url(url), artifact_dir=artifact_dir,
-        snapshot=final, front=front, interrupted=stop.requested, exhausted=exhausted,
-        stale=stale, new_trials=new_trials,
-        wall_s=(last_result - first_submit) if first_submit else 0.0,
-        train_s=recorder.train_seconds)
+        return optuna.load_study(study_name=name, storage=storage)
+
+
+class _Run:
+    """One run of the ask -> train on Ray -> record loop over an opened study."""
+
+    def __init__(self, space: SearchSpace, url: str, progress: Progress, stop: StopFlag):
+        from optuna.artifacts import FileSystemArtifactStore
+
+        self.space, self.url, self.progress, self.stop = space, url, progress, stop
+        version = code_version()
+        storage = open_storage(url)
+        self.opened = open_study(storage, space, url, version)
+        self.recorder = Recorder(self.opened.study, space, storage,
+                                 FileSystemArtifactStore(str(self.opened.artifact_dir)), version)
+        self.stale = self.recorder.reap_stale()
+        self.recorder.enqueue_baselines()
+        self.start = time.monotonic()
+        self.new_trials = 0
+        self.exhausted = False
+        self.in_flight: dict[Any, Pending] = {}
+        self.first_submit: float | None = None
+        self.last_result = self.start
+
+    def announce(self, done_before: int | None) -> None:
+        """Say whether the study is new, resumed or already complete."""
+        name, target = self.space.name, self.space.trials
+        if done_before is not None and done_before >= target:
+            self.progress.message(f"study {name!r} already has {done_before}/{target} trained "
+                                  "trials: nothing to run (raise --trials to continue it)")
+        elif self.opened.resumed:
+            self.progress.message(f"resuming study {name!r}: {self.recorder.counts.done}/"
+                                  f"{target} trials trained so far")
+        if self.stale:
+            self.progress.message(f"marked {len(self.stale)} trial(s) left RUNNING by a "
+                                  f"previous driver as failed and re-queued them: {self.stale}")
+
+    def snap(self) -> Snapshot:
+        elapsed = time.monotonic() - self.start
+        eta = None
+        if self.new_trials and self.first_submit is not None:
+            left = max(0, self.space.trials - self.recorder.counts.done)
+            eta = (self.last_result - self.first_submit) / self.new_trials * left
+        return self.recorder.snapshot(len(self.in_flight), elapsed, eta)
+
+    def loop(self) -> None:
+        """Keep ``workers`` trials in flight until the study has its trials or a stop."""
+        submit = _remote_run_trial(self.space)
+        while not self.stop.requested:
+            self._fill(submit)
+            self.progress.update(self.snap())
+            if not self.in_flight:
+                break
+            finished = _collect(self.recorder, self.in_flight)
+            if finished:
+                self.new_trials += finished
+                self.last_result = time.monotonic()
+        if self.stop.requested:
+            _interrupt(self.recorder, self.in_flight)
+
+    def _fill(self, submit: Any) -> None:
+        rec, space = self.recorder, self.space
+        while (not self.stop.requested and not self.exhausted
+               and len(self.in_flight) < space.workers
+               and rec.counts.done + len(self.in_flight) < space.trials):
+            pending = rec.ask()
+            if pending is None:
+                self.exhausted = True
+                self.progress.message("stopping: the sampler proposed only infeasible or "
+                                      "duplicate candidates for a while (space exhausted?)")
+                return
+            self.first_submit = self.first_submit or time.monotonic()
+            self.in_flight[submit(rec.payload(pending), pending.trial.number)] = pending
+
+    def outcome(self, already_complete: bool) -> SearchOutcome:
+        final = self.snap()
+        self.progress.update(final, force=True)
+        self.progress.close()
+        with quiet_optuna():
+            recs = load_records(self.opened.study)
+        final = Snapshot(**{**final.__dict__, "hypervolume": hypervolume(recs)})
+        return SearchOutcome(
+            study_name=self.space.name, storage_url=mask_url(self.url),
+            artifact_dir=self.opened.artifact_dir, snapshot=final, front=front(recs),
+            interrupted=self.stop.requested, exhausted=self.exhausted, stale=self.stale,
+            new_trials=self.new_trials, resumed=self.opened.resumed,
+            already_complete=already_complete,
+            wall_s=(self.last_result - self.first_submit) if self.first_submit else 0.0,
+            train_s=self.recorder.train_seconds)
 
 
 def _collect(recorder: Recorder, in_flight: dict[Any, Pending]) -> int:

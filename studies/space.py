@@ -418,14 +418,6 @@ def load_space(path: str | FilePath, overrides: dict | None = None) -> SearchSpa
         raise located.locate(err) from None
 
 
-def default_storage(space: SearchSpace | PreparedSpace) -> str:
-    """``space.storage``, else a SQLite file named after the study beside the YAML file."""
-    if space.storage:
-        return space.storage
-    folder = FilePath(space.source).resolve().parent if space.source != "<dict>" else FilePath()
-    return f"sqlite:///{folder / (space.name + '.db')}"
-
-
 # ---- the space tree ---------------------------------------------------------------------------
 
 
@@ -472,5 +464,5 @@ def _quiet_optuna() -> Iterator[None]:
         optuna.logging.set_verbosity(level)
 
 
-__all__ = ["Candidate", "PreparedSpace", "SearchSpace", "compile_tree", "default_storage",
+__all__ = ["Candidate", "PreparedSpace", "SearchSpace", "compile_tree",
            "load_space", "make_sampler", "model_costs", "resolve_settings"]

@@ -9,10 +9,15 @@ Only the driver runs this (the storage has one writer). It implements the STORAG
 - *duplicate* (the same architecture hash, training settings and seed as a COMPLETE or running
   trial): told FAIL with ``status: duplicate`` and ``duplicate_of``; never trained. The training
   settings are part of the key because a space may search ``train.lr``.
-- *failed* (an error, NaN, divergence, a dead worker, a dead driver, Ctrl-C): FAIL with
-  ``status: failed`` and the reason. Failures that say nothing about the architecture (a dead
-  worker or driver, an interruption) are re-enqueued once with the same parameters; the new
-  trial has ``retry_of`` and the failed one ``retried: true``.
+- *failed* (an error, NaN, divergence, a dead worker, a dead driver): FAIL with ``status:
+  failed`` and the reason. Failures that say nothing about the architecture (a dead worker or
+  driver) are re-enqueued once with the same parameters; the new trial has ``retry_of`` and the
+  failed one ``retried: true``.
+- *interrupted* (Ctrl-C): FAIL with ``status: interrupted``; always re-enqueued, and never
+  counted as failed.
+
+What is written is :class:`studies.record.TrialRecord` (dicts and lists as JSON strings, through
+:func:`studies.record.encode_attr`); every attr and artifact is written before ``tell``.
 
 "Trials" in ``space.trials`` counts trained trials: COMPLETE plus failed ones that will not be
 retried. Infeasible and duplicate proposals do not count (they cost no training).
@@ -36,20 +41,26 @@ from typing import Any
 
 import optuna
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
 from mlbtc_search.errors import UsageError
 
 from .pareto import hv_point, hypervolume_2d, pareto_front
 from .progress import Snapshot
+from .record import (
+    INTERRUPTED_REASON,
+    STALE_REASON,
+    STUDY_ATTR,
+    StudyInfo,
+    TrialRecord,
+    encode_attr,
+)
 from .space import Candidate, SearchSpace, make_sampler
 from .storage import artifact_dir_for, study_info, study_names
 
 log = logging.getLogger(__name__)
 
-STALE_REASON = "driver died (stale RUNNING trial)"
 MAX_CONSECUTIVE_REJECTS = 50
-HOOK_ENV = "MLBTC_TEST_TRIAL_HOOK"
 # Settings that make results comparable: a study refuses to continue under other values.
 IDENTITY_KEYS = ("space_hash", "task", "budget_flops", "train", "seed", "objectives")
 
@@ -94,43 +105,56 @@ def study_identity(space: SearchSpace) -> dict[str, Any]:
             "train": dict(space.train), "seed": space.seed, "objectives": list(space.objectives)}
 
 
+@dataclass(frozen=True)
+class OpenedStudy:
+    """The study a search writes, its artifact directory, and whether it already existed."""
+
+    study: optuna.Study
+    artifact_dir: Path
+    resumed: bool
+
+
 def open_study(storage: optuna.storages.BaseStorage, space: SearchSpace, url: str,
-               version: str) -> tuple[optuna.Study, Path]:
-    """Create the study, or load it to resume; returns it with its artifact directory.
+               version: str) -> OpenedStudy:
+    """Create the study, or load it to resume.
 
     Resuming under a different space, task, budget, training settings, seed or objectives is a
     UsageError (the old and new trials would not be comparable); ``trials``, ``workers``,
     ``constraints`` and ``baselines`` may change.
     """
-    identity = study_identity(space)
+    identity = json.loads(encode_attr(study_identity(space)))
     sampler = make_sampler(space)
+    resumed = space.name in study_names(storage)
     with quiet_optuna():
-        if space.name in study_names(storage):
+        if resumed:
             study = optuna.load_study(study_name=space.name, storage=storage, sampler=sampler)
-            info = study_info(study)
-            if not info:
+            old = study_info(study)
+            if not old.made_by_mlbtc:
                 raise UsageError(f"study {space.name!r} exists in this storage but was not made "
                                  "by mlbtc search; choose another name with --name")
-            changed = [k for k in IDENTITY_KEYS if info.get(k, identity[k]) != identity[k]]
+            recorded = {**old.identity, "task": old.task, "budget_flops": old.budget_flops,
+                        "objectives": list(old.objectives)}
+            changed = [k for k in IDENTITY_KEYS if recorded.get(k, identity[k]) != identity[k]]
             if changed:
                 raise UsageError(
                     f"study {space.name!r} exists with a different {', '.join(changed)} than "
                     f"{space.source}; its trials would not be comparable: start a new study "
                     "with --name NEW, or restore the file")
-            artifact_dir = Path(info["artifact_dir"])
+            artifact_dir = Path(str(old.artifact_dir))
         else:
             directions = ["minimize"] * len(space.objectives)
             study = optuna.create_study(storage=storage, sampler=sampler,
                                         study_name=space.name, directions=directions)
             study.set_metric_names(list(space.objectives))
             artifact_dir = artifact_dir_for(url, space.name)
-        study.set_user_attr("mlbtc", {
-            "space": space.to_dict(), "task": space.task, "budget_flops": space.budget_flops,
-            "objectives": list(space.objectives), "artifact_dir": str(artifact_dir),
-            "code_version": version, **identity,
-        })
+        info = StudyInfo(
+            space=space.to_dict(), task=dict(space.task), budget_flops=space.budget_flops,
+            objectives=tuple(space.objectives), artifact_dir=str(artifact_dir),
+            code_version=version,
+            identity={k: identity[k] for k in ("space_hash", "train", "seed")})
+        study.set_user_attr(STUDY_ATTR, info.to_attr())
     artifact_dir.mkdir(parents=True, exist_ok=True)
-    return study, artifact_dir
+    return OpenedStudy(study, artifact_dir, resumed)
 
 
 def dedup_key(spec_hash: str, train: dict[str, Any], seed: int) -> str:
@@ -154,6 +178,7 @@ class Counts:
     ok: int = 0
     failed: int = 0
     failed_final: int = 0  # failed and not retried: counts towards space.trials
+    interrupted: int = 0  # Ctrl-C: re-queued, neither done nor failed
     infeasible: int = 0
     duplicate: int = 0
 
@@ -166,53 +191,47 @@ class Recorder:
     """Asks, checks and records the trials of one study (see the module doc)."""
 
     def __init__(self, study: optuna.Study, space: SearchSpace,
-                 store: FileSystemArtifactStore, version: str):
+                 storage: optuna.storages.BaseStorage, store: FileSystemArtifactStore,
+                 version: str):
         self.study = study
         self.space = space
+        self.storage = storage
         self.store = store
         self.version = version
         self.counts = Counts()
         self.known: dict[str, int] = {}  # dedup key -> trial number (COMPLETE or running)
         self.points: list[tuple[float, float]] = []  # (loss, flops) of COMPLETE trials
         self.train_seconds = 0.0
-        self.hook = _read_hook()
         self._task: Any = None  # the task, built on first use (cost checks)
         self._trials = study.get_trials(deepcopy=False)
         for t in self._trials:
-            self._count(t)
+            self._count(TrialRecord.from_trial(t))
 
     # ---- reading the study ---------------------------------------------------------------
-    def _count(self, t: FrozenTrial) -> None:
-        ua = t.user_attrs
-        if t.state == TrialState.COMPLETE:
+    def _count(self, r: TrialRecord) -> None:
+        if r.state == "complete":
             self.counts.ok += 1
-            if "hash" in ua:
-                self.known[dedup_key(ua["hash"], ua.get("train", {}), ua.get("seed", 0))] = (
-                    t.number)
-            if t.values and len(t.values) >= 2:
-                self.points.append((t.values[0], t.values[1]))
-        elif t.state == TrialState.FAIL:
-            status = ua.get("status")
-            if status == "infeasible":
-                self.counts.infeasible += 1
-            elif status == "duplicate":
-                self.counts.duplicate += 1
-            else:
-                self.counts.failed += 1
-                if not ua.get("retried"):
-                    self.counts.failed_final += 1
+            if r.hash is not None:
+                self.known[dedup_key(r.hash, r.train, r.seed or 0)] = r.number
+            if r.point is not None:
+                self.points.append(r.point)
+        elif r.state in ("infeasible", "duplicate", "interrupted", "failed"):
+            setattr(self.counts, r.state, getattr(self.counts, r.state) + 1)
+            if r.state == "failed" and not r.retried:
+                self.counts.failed_final += 1
 
     def reap_stale(self) -> list[int]:
         """Fail the trials a killed driver left RUNNING; re-enqueue each once."""
         stale = [t for t in self._trials if t.state == TrialState.RUNNING]
-        storage = self.study._storage
+        study_id = self.storage.get_study_id_from_name(self.study.study_name)
         for t in stale:
             retry = t.user_attrs.get("retry_of") is None
+            trial_id = self.storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
+            attrs = {"status": "failed", "reason": STALE_REASON, **({"retried": True} if retry
+                                                                    else {})}
             with quiet_optuna():
-                storage.set_trial_user_attr(t._trial_id, "status", "failed")
-                storage.set_trial_user_attr(t._trial_id, "reason", STALE_REASON)
-                if retry:
-                    storage.set_trial_user_attr(t._trial_id, "retried", True)
+                for key, value in attrs.items():
+                    self.storage.set_trial_user_attr(trial_id, key, value)
                 self.study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
                 if retry:
                     self.study.enqueue_trial(dict(t.params), user_attrs={"retry_of": t.number})
@@ -286,7 +305,7 @@ class Recorder:
     @staticmethod
     def _set_attrs(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
         for key, value in attrs.items():
-            trial.set_user_attr(key, value)
+            trial.set_user_attr(key, encode_attr(value))
 
     def payload(self, p: Pending) -> dict[str, Any]:
         """What :func:`studies.worker.run_trial` needs (plain JSON-able data)."""
@@ -294,23 +313,21 @@ class Recorder:
         cpus, gpus = self.space.resources["cpus"], self.space.resources["gpus"]
         if gpus > 0 and "device" not in train:
             train["device"] = "cuda"
-        hook = self.hook if self.hook and self.hook.get("trial") == p.trial.number else None
         assert p.candidate.spec is not None
         return {
             "trial": p.trial.number, "spec": p.candidate.spec.to_dict(), "task": self.space.task,
             "budget_flops": self.space.budget_flops, "seed": self.space.seed, "train": train,
             "threads": int(train.get("threads") or max(1, int(cpus))), "gpus": gpus,
-            "objectives": list(self.space.objectives), "hook": hook,
+            "objectives": list(self.space.objectives),
         }
 
     # ---- recording -------------------------------------------------------------------------
     def record(self, p: Pending, out: dict[str, Any]) -> str:
         """Record a worker's answer (:func:`studies.worker.run_trial`); returns the status."""
-        where = {k: out.get(k) for k in ("node", "host") if out.get(k) is not None}
+        where = {k: out.get(k) for k in ("node", "host", "pid") if out.get(k) is not None}
         wall = time.monotonic() - p.submitted
         if "error" in out:
-            return self.fail(p, out["error"], retry=out["error"] == "interrupted",
-                             attrs={**where, "wall_s": wall})
+            return self.fail(p, out["error"], retry=False, attrs={**where, "wall_s": wall})
         res = out["result"]
         self.train_seconds += float(res.get("seconds") or 0.0)
         attrs = {
@@ -329,9 +346,14 @@ class Recorder:
         loss = res.get("val_loss")
         if res["status"] != "ok" or loss is None or not math.isfinite(loss):
             reason = res.get("reason") or f"training ended with status {res['status']}"
-            return self.fail(p, reason, retry=res["status"] == "interrupted", attrs=attrs)
+            if res["status"] == "interrupted":
+                reason = INTERRUPTED_REASON
+            return self.fail(p, reason, retry=False, attrs=attrs)
         values = self._values(p.candidate, res, out)
-        attrs["weights_artifact_id"] = self._upload(p.trial, out["weights"])
+        attrs["weights_artifact_id"] = self._upload(
+            p.trial, out["weights"], "safetensors", "application/octet-stream")
+        attrs["curve_artifact_id"] = self._upload(
+            p.trial, curve_jsonl(res["curve"]), "jsonl", "application/jsonl")
         self._set_attrs(p.trial, {**attrs, "status": "ok", "reason": None})
         with quiet_optuna():
             self.study.tell(p.trial, values)
@@ -347,21 +369,27 @@ class Recorder:
             values.append(float(extra[name]) if extra[name] is not None else math.nan)
         return values
 
-    def _upload(self, trial: optuna.Trial, weights: bytes) -> str:
-        with tempfile.TemporaryDirectory(prefix="mlbtc-weights-") as tmp:
-            path = os.path.join(tmp, f"trial-{trial.number}.safetensors")
+    def _upload(self, trial: optuna.Trial, blob: bytes, suffix: str, mimetype: str) -> str:
+        kind = "weights" if suffix == "safetensors" else "curve"
+        with tempfile.TemporaryDirectory(prefix="mlbtc-artifact-") as tmp:
+            path = os.path.join(tmp, f"trial-{trial.number}-{kind}.{suffix}")
             with open(path, "wb") as fh:
-                fh.write(weights)
+                fh.write(blob)
             with quiet_optuna():
                 return upload_artifact(artifact_store=self.store, file_path=path,
-                                       study_or_trial=trial,
-                                       mimetype="application/octet-stream")
+                                       study_or_trial=trial, mimetype=mimetype)
 
     def fail(self, p: Pending, reason: str, retry: bool,
              attrs: dict[str, Any] | None = None) -> str:
-        """FAIL ``p`` with ``status: failed``; re-enqueue it once when ``retry``."""
-        retry = retry and p.retry_of is None
-        final = {**(attrs or {}), "status": "failed", "reason": reason}
+        """FAIL ``p`` with ``status: failed``; re-enqueue it once when ``retry``.
+
+        An interruption (reason ``interrupted``) is ``status: interrupted`` and always
+        re-enqueued: it says nothing about the architecture.
+        """
+        interrupted = reason == INTERRUPTED_REASON
+        retry = interrupted or (retry and p.retry_of is None)
+        status = "interrupted" if interrupted else "failed"
+        final = {**(attrs or {}), "status": status, "reason": reason}
         if retry:
             final["retried"] = True
         self._set_attrs(p.trial, final)
@@ -372,9 +400,12 @@ class Recorder:
                                          user_attrs={"retry_of": p.trial.number})
         if self.known.get(p.key) == p.trial.number:
             del self.known[p.key]
-        self.counts.failed += 1
-        self.counts.failed_final += 0 if retry else 1
-        return "failed"
+        if interrupted:
+            self.counts.interrupted += 1
+        else:
+            self.counts.failed += 1
+            self.counts.failed_final += 0 if retry else 1
+        return status
 
     # ---- progress ---------------------------------------------------------------------------
     def snapshot(self, running: int, elapsed: float, eta: float | None) -> Snapshot:
@@ -382,7 +413,8 @@ class Recorder:
         front = pareto_front(self.points)
         return Snapshot(
             target=self.space.trials, done=self.counts.done, ok=self.counts.ok,
-            running=running, failed=self.counts.failed, infeasible=self.counts.infeasible,
+            running=running, failed=self.counts.failed,
+            interrupted=self.counts.interrupted, infeasible=self.counts.infeasible,
             duplicate=self.counts.duplicate, front_size=len(front),
             hypervolume=hypervolume_2d(hv_points) if hv_points else None,
             elapsed_s=elapsed, eta_s=eta)
@@ -406,17 +438,11 @@ def _describe(cand: Candidate) -> dict[str, Any]:
     return _costs(cand)
 
 
-def _read_hook() -> dict[str, Any] | None:
-    raw = os.environ.get(HOOK_ENV)
-    if not raw:
-        return None
-    try:
-        hook = json.loads(raw)
-    except json.JSONDecodeError:
-        log.warning("ignoring %s: not JSON: %r", HOOK_ENV, raw)
-        return None
-    return hook if isinstance(hook, dict) else None
+def curve_jsonl(curve: Any) -> bytes:
+    """The learning curve as JSON lines (one evaluation per line), for the curve artifact."""
+    rows = curve if isinstance(curve, list) else []
+    return "".join(encode_attr(r) + "\n" for r in rows if isinstance(r, dict)).encode()
 
 
-__all__ = ["Counts", "Pending", "Recorder", "STALE_REASON", "code_version", "dedup_key",
-           "open_study", "quiet_optuna", "study_identity"]
+__all__ = ["Counts", "OpenedStudy", "Pending", "Recorder", "STALE_REASON", "code_version",
+           "curve_jsonl", "dedup_key", "open_study", "quiet_optuna", "study_identity"]

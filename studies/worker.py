@@ -18,9 +18,9 @@ so the worker caps its CUDA caching allocator a little under its share
 (:func:`trainers.device.cap_memory`); running out of memory then fails the trial with a one-line
 reason that names the share and the cap instead of taking the other trials on the GPU down.
 
-Test hook: a payload ``hook`` ``{"sleep_s": S, "pid_dir": D}`` (set by the driver from the
-``MLBTC_TEST_TRIAL_HOOK`` environment variable for one trial number) writes ``D/trial-N.pid`` and
-sleeps ``S`` seconds before training, so tests can kill a worker mid-trial.
+The driver names each Ray task ``mlbtc-trial-<number>``; Ray shows that name in its state API
+and as the worker's process title (``ray::mlbtc-trial-3``) while the trial trains, which is how
+an operator (or a test) finds the process of a trial.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import os
 import socket
 import time
 import traceback
-from pathlib import Path
 from typing import Any
 
 LATENCY_REPEATS = 5
@@ -45,21 +44,6 @@ def _where() -> dict[str, Any]:
     except Exception:  # noqa: BLE001 - where we ran is informative only
         pass
     return out
-
-
-def _hook(payload: dict[str, Any]) -> None:
-    hook = payload.get("hook")
-    if not hook:
-        return
-    pid_dir = hook.get("pid_dir")
-    if pid_dir:
-        path = Path(pid_dir) / f"trial-{payload['trial']}.pid"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(str(os.getpid()))
-        tmp.replace(path)
-    deadline = time.monotonic() + float(hook.get("sleep_s", 0))
-    while time.monotonic() < deadline:
-        time.sleep(0.05)
 
 
 def measure_latency(model: Any, task: Any, device: str) -> float:
@@ -97,7 +81,6 @@ def run_trial(payload: dict[str, Any]) -> dict[str, Any]:
         from trainers.train import TrainConfig, train
 
         torch.set_num_threads(int(payload.get("threads") or 1))
-        _hook(payload)
         task = get_task(payload["task"]["name"], **payload["task"].get("options", {}))
         spec = ModelSpec.from_dict(payload["spec"])
         config = TrainConfig(**payload.get("train", {}))

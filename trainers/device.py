@@ -22,8 +22,10 @@ in float32 (and why it is safe):
 
 The backward pass runs outside the autocast context (as PyTorch recommends); bf16 needs no loss
 scaling. Autocast does not reach the backward of a custom autograd function, so ours compute it
-in the dtype of their saved activations (the BTT cores) or get one dtype for all operands (the
-CPU region kernel); ``tests/trainers/test_gpu.py`` trains every structure family under bf16.
+in the dtype of their saved activations (the BTT cores), or run with autocast off on operands
+cast to the autocast dtype (the attention kernels' functions, so attention runs in bf16 with
+float32 log-sum-exp accumulators); ``tests/trainers/test_gpu.py`` trains every structure family
+under bf16.
 CPU autocast is off under ``"auto"``: bf16 matmuls are slower than fp32 on CPUs without AMX,
 and CPU runs must stay bit-for-bit what they were.
 

@@ -578,3 +578,41 @@ def test_rms_cap_reaches_the_score_cores():
         feats.cores[0].mul_(10.0)
     w = feats._weight(0)
     assert w.pow(2).mean().sqrt().item() == pytest.approx(feats._init_std[0], rel=1e-9)
+
+
+# ---- paper-faithful options ---------------------------------------------------------------------
+def test_bilinear_mlr_per_level_norm_and_scale():
+    """qk_norm_per_level: one LayerNorm and one logit scale per feature-MLR level (the paper's),
+    instead of one over the head's W = sum 2^l r_l features."""
+    doc = {"kind": "bilinear_mlr", "heads": 2, "ranks": [4, 2, 1], "qk_norm_per_level": True}
+    spec = spec_of(doc)
+    attn = randomized(spec)
+    parts = [4, 4, 4]  # 2^l blocks of rank r_l: widths 4, 2*2, 4*1
+    assert [n.normalized_shape[0] for n in attn.q_norm[0].norms] == parts
+    assert attn._scale(0).tolist() == [8.0 / 4] * 12
+    x = torch.randn(2, T, D, dtype=torch.float64)
+    q, k = attn.features[0](x)
+    q_ref = torch.cat([F.layer_norm(p, (4,), n.weight) for p, n in
+                       zip(q.split(parts, -1), attn.q_norm[0].norms, strict=True)], -1) * 2.0
+    torch.testing.assert_close(attn.qkv(x)[0][0], q_ref)
+    default = spec_of({**doc, "qk_norm_per_level": False})
+    assert default.to_dict() == spec_of({k: v for k, v in doc.items()
+                                         if k != "qk_norm_per_level"}).to_dict()
+    assert "qk_norm_per_level" not in default.to_dict()  # default specs keep their hash
+    assert spec.to_dict()["qk_norm_per_level"] is True
+    assert AttentionSpec.from_dict(spec.to_dict(), D, T) == spec
+    assert sum(p.numel() for p in attn.parameters()) == sum(
+        p.numel() for p in Attention(default).parameters())
+
+
+def test_mlr_mean_over_shared_levels_module():
+    doc = {"kind": "mlr", "heads": 4, "ranks": [4, 2, 1, 1], "mean_over_shared_levels": True}
+    spec = spec_of(doc)
+    attn = randomized(spec)
+    x = torch.randn(2, T, D, dtype=torch.float64)
+    plain = randomized(spec_of({**doc, "mean_over_shared_levels": False}))
+    plain.load_state_dict(attn.state_dict())
+    assert not torch.allclose(attn(x), plain(x))
+    with pytest.raises(SpecError, match=r"at mean_over_shared_levels: mean_over_shared_levels "
+                                        r"must be true or false"):
+        spec_of({**doc, "mean_over_shared_levels": "yes"})

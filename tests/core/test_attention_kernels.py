@@ -9,10 +9,12 @@ import torch.nn.functional as F
 
 from mlbtc_search.attention_kernels import (
     multilevel_attention,
+    multilevel_attention_cost,
     multilevel_attention_flops,
     multilevel_attention_reference,
     plan_regions,
     window_attention,
+    window_attention_cost,
     window_attention_flops,
 )
 from mlbtc_search.errors import SpecError
@@ -111,6 +113,72 @@ def test_buffer_reference_matches_dense(widths, block_sizes, T, dv, causal):
         torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g), strict=True
     ):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
+def test_unfused_path_in_chunks_matches_dense(monkeypatch):
+    """The unfused path splits the heads into chunks that keep the scores in cache; with tiny
+    chunks (one rectangle per step) the result and gradients are unchanged."""
+    from mlbtc_search import attention_kernels
+
+    monkeypatch.setattr(attention_kernels, "CHUNK_ENTRIES", 16)
+    widths, block_sizes, T, dv = (4, 3, 2), (None, 8, 4), 13, 9
+    q, k, v = qkv(T, sum(widths), dv, grad=True)
+    out = multilevel_attention(q, k, v, widths, block_sizes, True)
+    out = out + window_attention(q, k, v, 5)
+    ref = dense_multilevel(q, k, v, widths, block_sizes, True) + dense_window(q, k, v, 5, True)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    g = torch.randn_like(out)
+    for got, want in zip(
+        torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g), strict=True
+    ):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
+def dense_mean(q, k, v, widths, block_sizes, causal):
+    """The paper's option: each pair's score is the mean over the levels (of nonzero width)
+    whose blocks it shares."""
+    T = q.shape[2]
+    t = torch.arange(T)
+    scores = torch.zeros(*q.shape[:2], T, T, dtype=q.dtype)
+    shared = torch.zeros(T, T, dtype=q.dtype)
+    start = 0
+    for w, bs in zip(widths, block_sizes, strict=True):
+        b = T if bs is None else bs
+        same = (t[:, None] // b == t[None, :] // b).to(q.dtype)
+        scores = scores + (q[..., start : start + w] @ k[..., start : start + w].mT) * same
+        shared = shared + same * (w > 0)
+        start += w
+    scores = scores / shared.clamp(min=1)
+    if causal:
+        scores = scores.masked_fill(t[None, :] > t[:, None], float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("widths, block_sizes, T, dv",
+                         [CONFIGS[0], CONFIGS[2], CONFIGS[3], CONFIGS[7], CONFIGS[9],
+                          ((8, 4, 4), (None, 64, 16), 100, 16)])
+def test_mean_over_shared_levels(widths, block_sizes, T, dv, causal):
+    q, k, v = qkv(T, sum(widths), dv, grad=True)
+    ref = dense_mean(q, k, v, widths, block_sizes, causal)
+    for fn in (multilevel_attention, multilevel_attention_reference):
+        out = fn(q, k, v, widths, block_sizes, causal, True)
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+        g = torch.randn_like(out)
+        for got, want in zip(torch.autograd.grad(out, (q, k, v), g),
+                             torch.autograd.grad(ref, (q, k, v), g, retain_graph=True),
+                             strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+    if causal:
+        cache = MultilevelKVCache(widths, block_sizes, 2, 3, dv, torch.float64, max_len=T,
+                                  mean=True)
+        torch.testing.assert_close(decode(cache, q.detach(), k.detach(), v.detach()),
+                                   ref.detach(), rtol=1e-10, atol=1e-12)
+    # the division is elementwise: the same FLOPs as the sum
+    q32, k32, v32 = (x.detach().float() for x in (q, k, v))
+    cost = multilevel_attention_cost(T, 3, widths, block_sizes, dv, causal, batch=2)
+    assert count_flops(lambda: multilevel_attention(q32, k32, v32, widths, block_sizes, causal,
+                                                    True)) == cost.forward
 
 
 def test_zero_width_level_contributes_nothing():
@@ -232,14 +300,15 @@ def test_window_kv_cache_reproduces_forward():
 )
 def test_flops_equal_counted(widths, block_sizes, T, dv, causal):
     q, k, v = qkv(T, sum(widths), dv, dtype=torch.float32, grad=True)
-    forward = multilevel_attention_flops(T, 3, widths, block_sizes, dv, causal, batch=2)
+    cost = multilevel_attention_cost(T, 3, widths, block_sizes, dv, causal, batch=2)
     assert count_flops(lambda: multilevel_attention(q, k, v, widths, block_sizes, causal)) == (
-        forward
+        cost.forward
     )
+    assert multilevel_attention_flops(T, 3, widths, block_sizes, dv, causal, 2) == cost.forward
     both = count_flops(
         lambda: multilevel_attention(q, k, v, widths, block_sizes, causal).sum().backward()
     )
-    assert both == 3 * forward
+    assert both == cost.total
 
 
 def test_large_block_ratios_run_few_regions():
@@ -249,21 +318,38 @@ def test_large_block_ratios_run_few_regions():
 
 
 def test_mlr_flops_lm_config():
-    """The LM config at T=1024 executes half the (query, key) pairs of dense causal attention,
-    all at head size 64 (prefix features are zero-padded to the value width)."""
+    """The LM config at T=1024 scores a pair whose finest shared block is at level l at width
+    r_0 + ... + r_l, and every pair's value work at the head size 64 (nothing padded). The
+    finest blocks (prefix 64 == head size) run fused and causal: the allowed pairs only."""
     widths, block_sizes = [32, 8, 6, 4, 4, 4, 4, 2], [None, 512, 256, 128, 64, 32, 16, 8]
-    pairs = sum(2**l * (512 // 2**l) ** 2 for l in range(7)) + 1024 * 8  # 2^l blocks at level l
-    assert multilevel_attention_flops(1024, 1, widths, block_sizes, 64) == 4 * pairs * 64
+    prefix = [sum(widths[: l + 1]) for l in range(8)]
+    # level l's 2^l blocks of 1024 / 2^l: the later half's queries against the earlier half's keys
+    pairs = [2**l * (512 // 2**l) ** 2 for l in range(7)] + [128 * 8 * 9 // 2]
+    assert multilevel_attention_flops(1024, 1, widths, block_sizes, 64) == sum(
+        2 * n * (p + 64) for n, p in zip(pairs, prefix, strict=True)
+    )
+    standard = multilevel_attention_cost(1024, 1, [64], [None], 64)
+    assert standard.forward == 2 * (1024 * 1025 // 2) * (64 + 64)  # one fused causal call
+    assert standard.backward == 2 * (1024 * 1025 // 2) * (3 * 64 + 2 * 64)
+
+
+def test_unfused_causal_attention_is_cut_into_rectangles():
+    """q.k width 32 != value width 64: masked rectangles would run whole on the unfused path,
+    so the triangle is cut down to causal blocks of CAUSAL_FINEST_BLOCK (64)."""
+    cost = multilevel_attention_cost(1024, 1, [32], [None], 64)
+    pairs = sum(2**l * (512 // 2**l) ** 2 for l in range(4)) + 1024 * 64
+    assert cost.forward == 2 * pairs * (32 + 64)
 
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("T, window, W, dv", [(24, 6, 5, 5), (23, 5, 4, 7)])
 def test_window_flops_equal_counted(T, window, W, dv, causal):
     q, k, v = qkv(T, W, dv, dtype=torch.float32, grad=True)
-    forward = window_attention_flops(T, 3, W, dv, window, causal, batch=2)
-    assert count_flops(lambda: window_attention(q, k, v, window, causal)) == forward
+    cost = window_attention_cost(T, 3, W, dv, window, causal, batch=2)
+    assert window_attention_flops(T, 3, W, dv, window, causal, batch=2) == cost.forward
+    assert count_flops(lambda: window_attention(q, k, v, window, causal)) == cost.forward
     both = count_flops(lambda: window_attention(q, k, v, window, causal).sum().backward())
-    assert both == 3 * forward
+    assert both == cost.total
 
 
 @pytest.mark.parametrize(
@@ -291,8 +377,8 @@ def test_width_mismatch_raises():
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [True, False])
 def test_cuda_fallbacks_match_cpu_kernels(causal):
-    """Off CPU, multilevel attention runs the one-buffer path and window attention SDPA with a
-    mask; both must agree with the CPU kernels, gradients included."""
+    """Off CPU, every rectangle of the region kernel and every window chunk takes the unfused
+    path; both must agree with the CPU kernels, gradients included."""
     widths, block_sizes = (4, 3, 2), (None, 8, 4)
     inputs = qkv(13, 9, 6)
     results = []

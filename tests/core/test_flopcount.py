@@ -19,17 +19,20 @@ def test_matmul_is_two_flops_per_mac():
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_cpu_sdpa_forward_and_backward(causal):
-    """E == Ev runs ``_scaled_dot_product_flash_attention_for_cpu``; no causal discount."""
+    """E == Ev runs ``_scaled_dot_product_flash_attention_for_cpu``; with a causal mask it skips
+    the masked tiles and is charged the T (T + 1) / 2 allowed pairs."""
     E = Ev = 8
     q, k, v = (torch.randn(B, H, T, E, requires_grad=True) for _ in range(3))
-    forward = 2 * B * H * T * T * (E + Ev)
+    pairs = B * H * (T * (T + 1) // 2 if causal else T * T)
+    forward = 2 * pairs * (E + Ev)
     assert count_flops(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)) == (
         forward
     )
     both = count_flops(
         lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal).sum().backward()
     )
-    assert both == 3 * forward
+    backward = 2 * pairs * (3 * E + 2 * Ev)  # torch's sdpa_backward_flop_count
+    assert both == forward + backward
 
 
 def test_torch_alone_misses_cpu_sdpa():

@@ -41,3 +41,49 @@ def test_core_imports_no_upper_layer():
     loaded = {name.split(".")[0] for name in result["modules"]}
     assert not loaded & set(FORBIDDEN), sorted(loaded & set(FORBIDDEN))
     assert not loaded & {"trainers", "studies", "dashboard"}
+
+
+# ---- the dashboard reads studies only through the record/storage API --------------------------
+# The trial record and study info (record), opening storages and artifacts (storage), fronts,
+# hypervolume and summaries over records (pareto), and the one exporter (export).
+DASHBOARD_MAY_IMPORT = {"studies.record", "studies.storage", "studies.pareto", "studies.export"}
+
+DASHBOARD_PROBE = """
+import json, sys
+import dashboard, dashboard.app, dashboard.cli
+print(json.dumps(sorted(sys.modules)))
+"""
+
+
+def _studies_imports(path: Path) -> set[str]:
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module]
+            if node.module == "studies":  # from studies import x: x is a module or a re-export
+                names = [f"studies.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        found |= {n for n in names if n == "studies" or n.startswith("studies.")}
+    return found
+
+
+def test_dashboard_imports_only_the_studies_record_and_storage_api():
+    sources = sorted((REPO / "dashboard").glob("*.py"))
+    assert sources
+    bad = {str(p.relative_to(REPO)): sorted(_studies_imports(p) - DASHBOARD_MAY_IMPORT)
+           for p in sources}
+    assert not {k: v for k, v in bad.items() if v}, bad
+    # And at run time: the app loads neither the search machinery nor Ray.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", DASHBOARD_PROBE], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    loaded = set(json.loads(proc.stdout.strip().splitlines()[-1]))
+    for name in ("ray", "studies.runner", "studies.trials", "studies.worker", "studies.space",
+                 "studies.sampling", "trainers"):
+        assert name not in loaded, name

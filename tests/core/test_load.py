@@ -167,7 +167,7 @@ def test_bad_spec_is_located(tmp_path):
     with pytest.raises(
         SpecError,
         match=r"at .*architecture\.yaml:2 width: width must be an "
-        r"integer >= 1, got 0",
+        r"integer >= 1 and <= 16777216, got 0",
     ):
         mlbtc_search.load(out)
 

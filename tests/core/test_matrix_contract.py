@@ -33,9 +33,9 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import Tensor
-from torch.utils.flop_counter import FlopCounterMode
 
 from mlbtc_search import MatrixSpec, SpecError, StructuredLinear, compile_matrix, flops, params
+from mlbtc_search.flopcount import flop_counter
 from mlbtc_search.mup import make_adamw
 
 REPO = Path(__file__).resolve().parents[2]
@@ -145,9 +145,9 @@ class MatrixContract:
         spec, module = build(data.draw(self.specs()))
         rows = data.draw(st.integers(1, 5), label="rows")
         x = torch.randn(rows, spec.n_in, dtype=torch.float64, requires_grad=True)
-        with FlopCounterMode(display=False) as forward:
+        with flop_counter() as forward:
             module(x)
-        with FlopCounterMode(display=False) as both:
+        with flop_counter() as both:
             module(x).square().sum().backward()
         assert forward.get_total_flops() == flops(spec) * rows
         assert both.get_total_flops() == 3 * flops(spec) * rows
@@ -586,3 +586,29 @@ def test_different_structures_hash_differently():
         ]
     ]
     assert len({spec_hash(d) for d in docs}) == len(docs)
+
+
+def test_btt_row_chunks_are_exact_with_exact_flops():
+    """Above 2 * BTT_ROW_CHUNK rows (CPU) the BTT runs in row chunks inside one autograd node:
+    the same matrix, the same gradients, the same bmm FLOPs (weight gradients accumulate in
+    place, counted through flopcount's baddbmm_ formula)."""
+    spec = MatrixSpec.from_dict(
+        {"in": 64, "out": 128, "levels": [{"blocks": 2, "btt": {"rank": 3}}]})
+    module = compile_matrix(spec).double()
+    for p in module.parameters():
+        torch.nn.init.normal_(p)
+    w = module.materialize()
+    x = torch.randn(1100, 64, dtype=torch.float64, requires_grad=True)
+    y = module(x)
+    torch.testing.assert_close(y, x @ w.T)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, *module.parameters()], g)
+    small = [module(xc) for xc in x.split(300)]  # <= 2 chunks' worth: one pass each
+    want = torch.autograd.grad(small, [x, *module.parameters()], list(g.split(300)))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+    xf = torch.randn(1100, 64, requires_grad=True)
+    mf = compile_matrix(spec)
+    with flop_counter() as both:
+        mf(xf).square().sum().backward()
+    assert both.get_total_flops() == 3 * flops(spec) * 1100

@@ -216,7 +216,7 @@ CASES = {
     # tensor train and theta
     "tensor train with one core": (
         {"in": 64, "out": 64, "tensor_train": {"cores": 1}},
-        r"at tensor_train\.cores: cores must be an integer >= 2, got 1",
+        r"at tensor_train\.cores: cores must be an integer between 2 and 12, got 1",
     ),
     "tensor train ranks of the wrong length": (
         {"in": 64, "out": 64, "tensor_train": {"cores": 3, "ranks": [2]}},

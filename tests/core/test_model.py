@@ -125,6 +125,42 @@ def test_flops_and_params_are_exact(name, adapter):
     assert model_params(spec, embedding=True) == sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.parametrize("adapter", [TOKENS, VECTOR], ids=["tokens", "vector"])
+@pytest.mark.parametrize("name", VARIANTS)
+def test_training_flops_are_exact(name, adapter):
+    """Forward + backward of one step, as FlopCounterMode counts it, equals the plan's price."""
+    spec = ModelSpec.from_dict(variant_doc(name, adapter))
+    model = build_model(spec)
+    B = 2
+    for T in (T_MAX, 13):
+        x = inputs(spec, B, T)
+        x = x.to(torch.get_default_dtype()) if adapter is VECTOR else x
+        counted = count_flops(lambda x=x: model(x).square().sum().backward())
+        assert counted == B * T * model_flops(spec, T, embedding=True, backward=True), T
+
+
+def test_costs_are_pure_data_and_fast_for_huge_models():
+    """No module is built for the costs: a 16k-wide, 48-layer model prices in well under a
+    second (building it would allocate ~150 GB)."""
+    import time
+
+    doc = {"width": 16384, "depth": 48, "max_seq_len": 4096, "adapter": TOKENS,
+           "attention": {"kind": "mlr", "heads": 64, "ranks": [128, 64, 32, 32]}}
+    t0 = time.perf_counter()
+    spec = ModelSpec.from_dict(doc)
+    assert model_params(spec) > 10**11 and model_flops(spec) > 0
+    assert time.perf_counter() - t0 < 5
+
+
+def test_float64_models_hold_exact_logit_scales():
+    doc = model_doc({"kind": "standard", "heads": 4, "head_dim": 3}, TOKENS)
+    attn = build_model(ModelSpec.from_dict(doc)).double().blocks[0].attn
+    scale = attn._scale(0)
+    assert scale.dtype == torch.float64
+    assert scale[0].item() == 8.0 / 3  # not float32-rounded
+    assert attn.float()._scale(0).dtype == torch.float32
+
+
 def test_non_embedding_conventions():
     spec = ModelSpec.from_dict(model_doc(adapter=VECTOR))
     a = spec.adapter
@@ -197,6 +233,22 @@ def test_mlr_caches_fewer_bytes_than_standard():
     assert kv_cache_bytes(mlr) < kv_cache_bytes(std)
     window = ModelSpec.from_dict(model_doc(ATTENTION["sliding_window"]))
     assert kv_cache_bytes(window, 32) < kv_cache_bytes(window, 16) < kv_cache_bytes(std)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_kv_bytes_are_what_the_caches_hold(name):
+    """For every variant and length (partial blocks and windows too), the plan's KV bytes per
+    token times T equal the bytes the decoding caches hold after T steps."""
+    spec = ModelSpec.from_dict(variant_doc(name, TOKENS))
+    model = build_model(spec)
+    B = 2
+    caches = model.init_cache(B)
+    for t in range(T_MAX):
+        model.step(torch.full((B, 1), t % 11), caches, t)
+        T = t + 1
+        if T in (1, 7, 20, T_MAX):
+            held = sum(c.nbytes() for layer in caches for c in layer)
+            assert held == pytest.approx(kv_cache_bytes(spec, T) * T * B, rel=1e-12), T
 
 
 def test_mlr_cache_evicts_fine_level_keys():

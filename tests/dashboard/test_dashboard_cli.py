@@ -32,6 +32,13 @@ def listening(port: int) -> list[str]:
 def test_parser_defaults_to_loopback():
     args = build_parser().parse_args(["dashboard"])
     assert (args.host, args.port, args.storage) == ("127.0.0.1", 8050, None)
+    assert args.verbose is False
+
+
+def test_verbose_flag_works_after_the_command_as_documented():
+    # docs/dashboard.md: "`-v` logs requests" -- as `mlbtc dashboard -v` and `mlbtc -v dashboard`
+    assert build_parser().parse_args(["dashboard", "-v"]).verbose is True
+    assert build_parser().parse_args(["-v", "dashboard"]).verbose is True
 
 
 @pytest.mark.timeout(120)
@@ -66,7 +73,7 @@ def test_missing_storage_is_one_line_and_exit_2(tmp_path, capsys):
     missing = tmp_path / "missing.db"
     assert main(["dashboard", "--storage", f"sqlite:///{missing}"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "the SQLite file does not exist" in err
+    assert err.count("\n") == 1 and "no study database at" in err
     assert not missing.exists()
 
 

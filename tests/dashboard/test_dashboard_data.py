@@ -9,10 +9,10 @@ import pytest
 from dashboard_factory import tiny_spec
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from optuna.trial import TrialState, create_trial
 
 from dashboard import data
 from studies import pareto as studies_pareto
+from studies.record import StudyInfo, TrialRecord, json_safe
 
 coord = st.one_of(st.integers(0, 6).map(float), st.sampled_from([math.nan, math.inf]))
 points = st.lists(st.tuples(coord, st.integers(0, 6).map(float)), max_size=25)
@@ -45,25 +45,19 @@ def brute_area(pts, ref, step=0.5):
 @settings(max_examples=150, deadline=None)
 @given(points)
 def test_front_is_the_brute_force_non_dominated_set(pts):
-    assert data.pareto_front(pts) == brute_front(pts)
+    assert sorted(studies_pareto.pareto_front(pts)) == brute_front(pts)
 
 
 @settings(max_examples=80, deadline=None)
 @given(points)
 def test_hypervolume_matches_a_grid_count_and_its_history_is_monotone(pts):
     ref = (7.0, 7.0)
-    assert data.hypervolume_2d(pts, ref) == pytest.approx(brute_area(pts, ref))
-    history = data.hypervolume_history(pts, ref)
+    assert studies_pareto.hypervolume_2d(pts, ref) == pytest.approx(brute_area(pts, ref))
+    history = studies_pareto.hypervolume_history_points(pts, ref)
     assert len(history) == len(pts)
     assert all(b >= a for a, b in zip(history, history[1:], strict=False))
     for k in range(len(pts)):
-        assert history[k] == pytest.approx(data.hypervolume_2d(pts[:k + 1], ref))
-
-
-def test_reference_point_is_that_of_studies_pareto():
-    pts = [(1.0, 4.0), (2.0, 3.0), (math.nan, 1.0)]
-    assert data.reference_point(pts) == studies_pareto.default_reference(pts[:2])
-    assert data.reference_point([(math.inf, 1.0)]) is None
+        assert history[k] == pytest.approx(studies_pareto.hypervolume_2d(pts[:k + 1], ref))
 
 
 @pytest.mark.parametrize("value, text", [
@@ -77,37 +71,35 @@ def test_fmt_si_and_json_safe():
     assert data.fmt_si(1.5e6, "FLOPs") == "1.5 MFLOPs"
     assert data.fmt_si(math.nan) == "n/a"
     blob = {"a": [1.0, math.nan, {"b": math.inf}], "c": -math.inf}
-    assert json.dumps(data.json_safe(blob), allow_nan=False) == \
+    assert json.dumps(json_safe(blob), allow_nan=False) == \
         '{"a": [1.0, null, {"b": null}], "c": null}'
 
 
 def _trial(number, state, values=None, **attrs):
-    t = create_trial(state=state, values=values, user_attrs=attrs)
-    t.number = number
-    return t
+    return TrialRecord.from_parts(number=number, optuna_state=state, values=values,
+                                  user_attrs=attrs)
 
 
 def test_trial_states_follow_the_contract():
-    assert data.trial_state(_trial(0, TrialState.COMPLETE, [1.0, 2.0], status="ok")) == \
-        "complete"
-    for status in ("infeasible", "failed", "duplicate"):
-        assert data.trial_state(_trial(0, TrialState.FAIL, status=status)) == status
-    assert data.trial_state(_trial(0, TrialState.FAIL)) == "failed"
-    assert data.trial_state(_trial(0, TrialState.RUNNING)) == "running"
+    assert _trial(0, "COMPLETE", [1.0, 2.0], status="ok").state == "complete"
+    for status in ("infeasible", "failed", "duplicate", "interrupted"):
+        assert _trial(0, "FAIL", status=status).state == status
+    assert _trial(0, "FAIL").state == "failed"
+    assert _trial(0, "RUNNING").state == "running"
 
 
 def test_rows_handle_nan_and_inf_and_are_json_safe():
     spec = tiny_spec("mlr").to_dict()
     trials = [
-        _trial(0, TrialState.COMPLETE, [math.inf, 100.0], status="ok", family="mlr", spec=spec),
-        _trial(1, TrialState.COMPLETE, [0.5, 200.0], status="ok", family="mlr", spec=spec,
+        _trial(0, "COMPLETE", [math.inf, 100.0], status="ok", family="mlr", spec=spec),
+        _trial(1, "COMPLETE", [0.5, 200.0], status="ok", family="mlr", spec=spec,
                params=math.nan, metric=math.inf, duration_s=-math.inf),
-        _trial(2, TrialState.FAIL, status="failed", reason="nan loss", val_loss=math.nan,
+        _trial(2, "FAIL", status="failed", reason="nan loss", val_loss=math.nan,
                flops_per_token=math.inf, spec=spec, family="mlr"),
-        _trial(3, TrialState.COMPLETE, [0.7, 50.0], status="ok", family="standard"),
+        _trial(3, "COMPLETE", [0.7, 50.0], status="ok", family="standard"),
     ]
     view = data.study_view(trials)
-    json.dumps(data.json_safe([r for r in view.rows]), allow_nan=False)
+    json.dumps(json_safe([r for r in view.rows]), allow_nan=False)
     json.dumps([r for r in view.rows], allow_nan=False)  # already finite or None
     rows = {r["number"]: r for r in view.rows}
     assert rows[0]["val_loss"] is None and not rows[0]["on_front"]  # inf loss: not on front
@@ -121,10 +113,10 @@ def test_rows_handle_nan_and_inf_and_are_json_safe():
 
 
 def test_study_view_front_counts_and_history():
-    trials = [_trial(i, TrialState.COMPLETE, [1.0 / (i + 1), 10.0 ** (i % 4 + 3)],
+    trials = [_trial(i, "COMPLETE", [1.0 / (i + 1), 10.0 ** (i % 4 + 3)],
                      status="ok", family="standard") for i in range(12)]
-    trials.append(_trial(12, TrialState.FAIL, status="infeasible", flops_per_token=1e9))
-    trials.append(_trial(13, TrialState.RUNNING))
+    trials.append(_trial(12, "FAIL", status="infeasible", flops_per_token=1e9))
+    trials.append(_trial(13, "RUNNING"))
     view = data.study_view(trials)
     pts = [tuple(t.values) for t in trials[:12]]
     assert sorted(view.front) == brute_front(pts)
@@ -134,7 +126,7 @@ def test_study_view_front_counts_and_history():
     assert all(b >= a for a, b in zip(hv, hv[1:], strict=False))
     logged = [(a, math.log10(b)) for a, b in pts]
     assert hv[-1] == pytest.approx(studies_pareto.hypervolume_2d(logged))
-    summary = data.study_summary("s", {"mlbtc": {"task": {"name": "text"}}}, view)
+    summary = data.study_summary("s", StudyInfo(task={"name": "text"}), view)
     assert summary["task"] == "text" and summary["trials"] == 14
     assert summary["front"] == len(view.front)
 
@@ -178,7 +170,7 @@ def test_curve_series_drops_non_finite_points():
 
 
 def test_trial_metrics_show_na_for_missing_values():
-    t = _trial(4, TrialState.FAIL, status="duplicate", duplicate_of=2)
+    t = _trial(4, "FAIL", status="duplicate", duplicate_of=2)
     items = dict(data.trial_metrics(t))
     assert items["validation loss"] == "n/a" and items["duplicate of trial"] == "2"
     assert data.trial_row(t)["reason"] == "duplicate of trial 2"

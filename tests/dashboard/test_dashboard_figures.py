@@ -8,15 +8,14 @@ import math
 import plotly.io as pio
 import pytest
 from dashboard_factory import tiny_spec
-from optuna.trial import TrialState, create_trial
 
 from dashboard import architecture, data, figures
+from studies.record import TrialRecord
 
 
 def _trial(number, state, values=None, **attrs):
-    t = create_trial(state=state, values=values, user_attrs=attrs)
-    t.number = number
-    return t
+    return TrialRecord.from_parts(number=number, optuna_state=state, values=values,
+                                  user_attrs=attrs)
 
 
 def _strict_json(fig) -> dict:
@@ -30,20 +29,20 @@ def _strict_json(fig) -> dict:
 def view():
     spec = {k: tiny_spec(k).to_dict() for k in ("standard", "mlr", "bilinear_btt")}
     trials = [
-        _trial(0, TrialState.COMPLETE, [0.9, 5e3], status="ok", family="standard",
+        _trial(0, "COMPLETE", [0.9, 5e3], status="ok", family="standard",
                spec=spec["standard"]),
-        _trial(1, TrialState.COMPLETE, [0.95, 4e3], status="ok", family="mlr", spec=spec["mlr"]),
-        _trial(2, TrialState.COMPLETE, [0.97, 6e3], status="ok", family="bilinear_btt",
+        _trial(1, "COMPLETE", [0.95, 4e3], status="ok", family="mlr", spec=spec["mlr"]),
+        _trial(2, "COMPLETE", [0.97, 6e3], status="ok", family="bilinear_btt",
                spec=spec["bilinear_btt"]),
-        _trial(3, TrialState.COMPLETE, [0.7, 2e4], status="ok", family="standard",
+        _trial(3, "COMPLETE", [0.7, 2e4], status="ok", family="standard",
                spec=spec["standard"]),
-        _trial(4, TrialState.COMPLETE, [math.inf, 3e3], status="ok", family="mlr"),
-        _trial(5, TrialState.FAIL, status="infeasible", flops_per_token=8e4, family="standard",
+        _trial(4, "COMPLETE", [math.inf, 3e3], status="ok", family="mlr"),
+        _trial(5, "FAIL", status="infeasible", flops_per_token=8e4, family="standard",
                reason="too many FLOPs"),
-        _trial(6, TrialState.FAIL, status="failed", flops_per_token=1.5e4, family="mlr",
+        _trial(6, "FAIL", status="failed", flops_per_token=1.5e4, family="mlr",
                reason="<b>boom</b><script>alert(1)</script>"),
-        _trial(7, TrialState.FAIL, status="failed", family="mlr", reason="no flops known"),
-        _trial(8, TrialState.RUNNING, flops_per_token=3e3, family="mlr"),
+        _trial(7, "FAIL", status="failed", family="mlr", reason="no flops known"),
+        _trial(8, "RUNNING", flops_per_token=3e3, family="mlr"),
     ]
     return data.study_view(trials)
 

@@ -21,9 +21,20 @@ from dashboard.store import (
     list_studies,
     load_trial,
     open_reader,
-    read_weights,
 )
 from mlbtc_search.errors import UsageError
+from studies.record import StudyInfo, TrialRecord
+from studies.storage import read_artifact
+
+
+def _expected(storage, study, t) -> TrialRecord:
+    """What the fast reader must return for ``t``: its record, without the lazy curve and
+    the sampled params (the dashboard reads neither in bulk)."""
+    import dataclasses
+
+    trial_id = storage.get_trial_id_from_study_id_trial_number(
+        storage.get_study_id_from_name(study.study_name), t.number)
+    return dataclasses.replace(TrialRecord.from_trial(t, trial_id), curve=None, sampled={})
 
 
 def _fill(storage, tmp_path: Path) -> optuna.Study:
@@ -47,23 +58,22 @@ def test_fast_reader_returns_what_optuna_returns(storage_url, tmp_path):
     reader = open_reader(storage_url)
     info = find_study(reader, "s")
     assert info.metric_names == ("val_loss", "flops_per_token")
-    assert info.user_attrs["mlbtc"]["task"]["name"] == "timeseries"
+    assert info.info.task_name == "timeseries"
     records, changed = TrialCache(reader).trials(info.study_id)
     assert changed
-    expected = writer.get_all_trials(study._study_id, deepcopy=False)
+    expected = study.get_trials(deepcopy=False)
     assert [r.number for r in records] == [t.number for t in expected]
     for r, t in zip(records, expected, strict=True):
-        assert r.state == t.state
-        assert r.values == t.values
-        assert r.datetime_start == t.datetime_start
-        assert r.datetime_complete == t.datetime_complete
-        want = {k: v for k, v in t.user_attrs.items() if k != "curve"}
-        assert r.user_attrs.keys() == want.keys()
-        for k, v in want.items():
-            assert v == r.user_attrs[k] or (v != v and r.user_attrs[k] != r.user_attrs[k])
-    assert records[5].values == [math.inf, 7e3]
+        want = _expected(writer, study, t)
+        assert r.values == want.values and (r.val_loss == want.val_loss or (
+            r.val_loss != r.val_loss and want.val_loss != want.val_loss))
+        assert r.__dict__.keys() == want.__dict__.keys()
+        for key in r.__dict__:
+            if key != "val_loss":
+                assert getattr(r, key) == getattr(want, key), key
+    assert records[5].values == (math.inf, 7e3)
     full = load_trial(reader, info.study_id, 0)
-    assert full.user_attrs["curve"] == expected[0].user_attrs["curve"]
+    assert full.curve == TrialRecord.from_trial(expected[0]).curve and full.curve
     with pytest.raises(UsageError, match="no trial 99"):
         load_trial(reader, info.study_id, 99)
 
@@ -83,17 +93,16 @@ def test_refresh_reads_only_new_and_unfinished_trials(tmp_path):
     add_trial(study, "ok", tiny_spec("standard"), loss=0.5, flops=3e4)
     records, changed = cache.trials(sid)
     assert changed and len(records) == 7
-    assert records[4].state == TrialState.COMPLETE and records[4].values == [0.8, 6e3]
-    assert records[6].user_attrs["val_loss"] == 0.5
+    assert records[4].state == "complete" and records[4].values == (0.8, 6e3)
+    assert records[6].val_loss == 0.5
     assert data.study_view(records).front == data.study_view(
-        writer.get_all_trials(sid)).front
+        [TrialRecord.from_trial(t) for t in writer.get_all_trials(sid)]).front
 
 
 def test_refresh_finds_a_trial_whose_insert_committed_late(tmp_path):
     """Concurrent PostgreSQL writers can commit trial ids out of order: a trial with a smaller
     id than the newest the reader knows must still appear."""
     import sqlalchemy as sa
-    from optuna.storages._rdb import models
 
     url = f"sqlite:///{tmp_path}/s.db"
     writer = optuna.storages.RDBStorage(url)
@@ -102,7 +111,7 @@ def test_refresh_finds_a_trial_whose_insert_committed_late(tmp_path):
     add_trial(study, "ok", tiny_spec("mlr"), loss=0.8, flops=6e3)
     cache = TrialCache(open_reader(url))
     first, _ = cache.trials(study._study_id)
-    trials_t = models.TrialModel.__table__
+    trials_t = sa.Table("trials", sa.MetaData(), autoload_with=writer.engine)
     late_id = first[0].trial_id + 1000  # move the newest far up, leaving a gap below it
     with writer.engine.begin() as conn:
         conn.execute(sa.update(trials_t).where(trials_t.c.trial_id == first[1].trial_id)
@@ -113,14 +122,14 @@ def test_refresh_finds_a_trial_whose_insert_committed_late(tmp_path):
     with writer.engine.begin() as conn:  # a trial committed late, with a smaller id
         conn.execute(sa.insert(trials_t).values(
             trial_id=first[0].trial_id + 1, number=2, study_id=study._study_id,
-            state=TrialState.FAIL))
+            state="FAIL"))
     records, changed = cache.trials(study._study_id)
     assert changed and sorted(r.number for r in records) == [0, 1, 2]
 
 
 def test_open_reader_never_creates_a_database(tmp_path, monkeypatch):
     missing = tmp_path / "nope.db"
-    with pytest.raises(UsageError, match="does not exist"):
+    with pytest.raises(UsageError, match="no study database at"):
         open_reader(f"sqlite:///{missing}")
     assert not missing.exists()
     monkeypatch.setenv("MLBTC_STORAGE", f"sqlite:///{missing}")
@@ -128,7 +137,7 @@ def test_open_reader_never_creates_a_database(tmp_path, monkeypatch):
         open_reader(None)
     empty = tmp_path / "empty.db"
     empty.write_bytes(b"")
-    with pytest.raises(UsageError, match="cannot read the study storage"):
+    with pytest.raises(UsageError, match="cannot open the storage"):
         open_reader(f"sqlite:///{empty}")
     assert empty.stat().st_size == 0  # no tables were created
 
@@ -145,25 +154,21 @@ def test_unknown_study_lists_the_studies(tmp_path):
 
 def test_weights_are_read_only_by_the_recorded_artifact_id(tmp_path):
     url = f"sqlite:///{tmp_path}/s.db"
-    study = _fill(optuna.storages.RDBStorage(url), tmp_path)
+    _fill(optuna.storages.RDBStorage(url), tmp_path)
     reader = open_reader(url)
-    info = find_study(reader, "s")
-    trial = load_trial(reader, info.study_id, 0)
-    blob = read_weights(info.user_attrs, trial)
+    entry = find_study(reader, "s")
+    trial = load_trial(reader, entry.study_id, 0)
+    blob = read_artifact(entry.info, trial.weights_artifact_id, "the weights")
     assert blob == safetensors_bytes(tiny_spec("standard"))
     (tmp_path / "secret").write_text("secret")
-    for bad in ("../secret", "/etc/passwd", "..", "", None, 7):
-        forged = optuna.trial.create_trial(values=[1.0, 1.0],
-                                           user_attrs={"weights_artifact_id": bad})
-        with pytest.raises(UsageError, match="no usable weights artifact id"):
-            read_weights(info.user_attrs, forged)
-    with pytest.raises(UsageError, match="records no artifact directory"):
-        read_weights({}, trial)
-    missing = optuna.trial.create_trial(values=[1.0, 1.0],
-                                        user_attrs={"weights_artifact_id": "0123-abc"})
-    with pytest.raises(UsageError, match="not in the artifact store"):
-        read_weights(info.user_attrs, missing)
-    assert study.user_attrs["mlbtc"]["artifact_dir"] == str(tmp_path / "art")
+    for bad in ("../secret", "/etc/passwd", "..", ""):
+        with pytest.raises(UsageError, match="has no usable artifact id"):
+            read_artifact(entry.info, bad, "the weights")
+    with pytest.raises(UsageError, match="artifact directory of the study"):
+        read_artifact(StudyInfo(), trial.weights_artifact_id, "the weights")
+    with pytest.raises(UsageError, match="not found in the artifact store"):
+        read_artifact(entry.info, "0123-abc", "the weights")
+    assert entry.info.artifact_dir == str(tmp_path / "art")
 
 
 WRITER = textwrap.dedent("""
@@ -208,4 +213,4 @@ def test_reader_beside_a_running_writer_never_sees_database_locked(tmp_path):
     assert "locked" not in err and "writer done" in out
     assert reads > 0
     records, _ = cache.trials(sid)
-    assert len(records) == n and all(r.state == TrialState.COMPLETE for r in records)
+    assert len(records) == n and all(r.state == "complete" for r in records)

@@ -7,7 +7,6 @@ Every helper waits on a condition with a deadline, never a fixed sleep.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -115,17 +114,46 @@ def complete(ts: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTria
     return [t for t in ts if t.state == optuna.trial.TrialState.COMPLETE]
 
 
-def hook_env(trial: int, pid_dir: Path, sleep_s: float = 300.0) -> dict[str, str]:
-    """Environment that makes trial ``trial`` write its worker pid and sleep before training."""
-    return {"MLBTC_TEST_TRIAL_HOOK": json.dumps(
-        {"trial": trial, "sleep_s": sleep_s, "pid_dir": str(pid_dir)})}
+# A trial made slow by its own training settings (no test hook in production code): this many
+# evaluation batches take a few seconds even for the tiny models, long enough to act on.
+SLOW_EVAL_BATCHES = 400
 
 
-def read_pid(pid_file: Path) -> int | None:
-    try:
-        return int(pid_file.read_text())
-    except (OSError, ValueError):
-        return None
+def _children() -> dict[int, list[int]]:
+    """Parent pid -> child pids of every process, from /proc (Linux)."""
+    out: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        out.setdefault(ppid, []).append(int(entry.name))
+    return out
+
+
+def trial_worker_pid(number: int, root_pid: int | None = None) -> int | None:
+    """The pid of the Ray worker training trial ``number`` right now, else None.
+
+    The runner names each trial's Ray task ``mlbtc-trial-<number>`` and Ray shows the running
+    task's name as the worker's process title (``ray::mlbtc-trial-3``). Only descendants of
+    ``root_pid`` (default: this process, whose Ray started the workers) are considered, so other
+    searches on the machine are never touched.
+    """
+    title = f"ray::mlbtc-trial-{number}"
+    children = _children()
+    todo = list(children.get(root_pid or os.getpid(), []))
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+        except (OSError, UnicodeDecodeError):
+            continue
+        if cmdline.strip() == title:
+            return pid
+    return None
 
 
 def cli_env(tmp_path: Path, **extra: str) -> dict[str, str]:

@@ -3,8 +3,9 @@
 ``make_study(storage_url, artifact_dir)`` records tiny but really trained models
 (``trainers.train``) as COMPLETE trials with the contract's user attrs and a real safetensors
 weights artifact, plus one infeasible, one failed and one duplicate trial, as the search runner
-records them (the STORAGE CONTRACT, studies/storage.py). Training happens once per process and is
-cached; recording into a storage takes well under a second.
+records them (the storage contract, :mod:`studies.record`: dicts and lists as JSON strings).
+Training happens once per process and is cached; recording into a storage takes well under a
+second.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import optuna
 from safetensors.torch import save_file
 
 from mlbtc_search.model import ModelSpec, kv_cache_bytes
+from studies.record import StudyInfo, encode_attr
 from trainers.tasks import get_task
 from trainers.train import TrainConfig, TrainResult, train
 
@@ -83,12 +85,10 @@ def make_study(storage_url: str, artifact_dir: str | Path, name: str = "tiny",
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(["val_loss", "flops_per_token"])
-    study.set_user_attr("mlbtc", {
-        "space": {"name": name, "task": TASK, "budget_flops": BUDGET},
-        "task": TASK, "budget_flops": BUDGET, "objectives": ["val_loss", "flops_per_token"],
-        "artifact_dir": str(artifact_dir), "code_version": CODE_VERSION, "train": dict(TRAIN),
-        "seed": 0,
-    })
+    study.set_user_attr("mlbtc", StudyInfo(
+        space={"name": name, "task": TASK, "budget_flops": BUDGET}, task=TASK,
+        budget_flops=BUDGET, artifact_dir=str(artifact_dir), code_version=CODE_VERSION,
+        identity={"train": dict(TRAIN), "seed": 0}).to_attr())
     for index in models:
         result = trained(index)
         trial = study.ask()
@@ -98,7 +98,7 @@ def make_study(storage_url: str, artifact_dir: str | Path, name: str = "tiny",
             artifact_id = optuna.artifacts.upload_artifact(
                 artifact_store=store, file_path=str(path), study_or_trial=trial)
         for key, value in trial_attrs(result, artifact_id).items():
-            trial.set_user_attr(key, value)
+            trial.set_user_attr(key, encode_attr(value))
         study.tell(trial, [result.val_loss, result.flops_per_token])
     if failures:
         _fail(study, {"status": "infeasible",

@@ -9,7 +9,8 @@ import pytest
 from _study_factory import make_study
 
 from mlbtc_search.cli import main
-from studies.pareto import front_rows
+from studies.pareto import front
+from studies.storage import load_records, study_info
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -20,15 +21,16 @@ def study(storage_url, tmp_path):
 
 
 def test_studies_json_lists_each_study(study, storage_url, capsys):
-    make_study(storage_url, study.user_attrs["mlbtc"]["artifact_dir"], name="other",
+    make_study(storage_url, study_info(study).artifact_dir, name="other",
                models=(0,), failures=False)
     assert main(["studies", "--storage", storage_url, "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["name"] for r in rows] == ["other", "tiny"]
-    for key in ("name", "task", "trials", "states", "statuses", "best_loss", "front_size",
+    for key in ("name", "task", "trials", "states", "trained", "best_loss", "front_size",
                 "hypervolume", "last_update"):
         assert key in rows[1], key
-    assert rows[1]["task"] == "icl_regression" and rows[1]["states"]["COMPLETE"] == 3
+    assert rows[1]["task"] == "icl_regression" and rows[1]["states"]["complete"] == 3
+    assert rows[1]["states"]["failed"] == 1 and rows[1]["trained"] == 4
     assert rows[0]["trials"] == 1 and rows[0]["hypervolume"] is not None
 
 
@@ -43,20 +45,22 @@ def test_studies_table(study, storage_url, capsys):
 def test_pareto_json_is_the_front(study, storage_url, capsys):
     assert main(["pareto", "tiny", "--storage", storage_url, "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [r["trial"] for r in rows] == [r["trial"] for r in front_rows(study)]
+    best = front(load_records(study))
+    assert [r["number"] for r in rows] == [r.number for r in best]
+    assert rows == [{**r.row(), "hypervolume": rows[0]["hypervolume"]} for r in best]
     for r in rows:
-        assert {"trial", "loss", "flops", "hash", "family", "params", "metric",
-                "hypervolume"} <= set(r)
-        t = study.trials[r["trial"]]
-        assert (r["loss"], r["flops"]) == tuple(t.values)
-        assert r["hash"] == t.user_attrs["hash"] and r["params"] == t.params
+        assert {"number", "val_loss", "flops_per_token", "hash", "family", "params", "metric",
+                "sampled", "hypervolume"} <= set(r)
+        t = study.trials[r["number"]]
+        assert (r["val_loss"], r["flops_per_token"]) == tuple(t.values)
+        assert r["params"] == t.user_attrs["params"] and r["sampled"] == t.params
 
 
 def test_pareto_table(study, storage_url, capsys):
     assert main(["pareto", "tiny", "--storage", storage_url]) == 0
     out = capsys.readouterr().out
     assert out.startswith("study 'tiny': ") and "hypervolume" in out
-    assert len(out.splitlines()) == 2 + len(front_rows(study))
+    assert len(out.splitlines()) == 2 + len(front(load_records(study)))
 
 
 def test_unknown_study_lists_the_studies(study, storage_url, capsys):
@@ -79,10 +83,11 @@ def test_progress_lines_on_change_and_summary():
 
     from studies.progress import Progress, Snapshot, format_line, format_summary
 
-    snap = Snapshot(target=4, done=1, ok=1, running=2, failed=0, infeasible=3, duplicate=1,
-                    front_size=1, hypervolume=0.25, elapsed_s=75.0, eta_s=150.0)
+    snap = Snapshot(target=4, done=1, ok=1, running=2, failed=0, interrupted=1, infeasible=3,
+                    duplicate=1, front_size=1, hypervolume=0.25, elapsed_s=75.0, eta_s=150.0)
     line = format_line(snap)
-    for part in ("trials 1/4 done", "running 2", "failed 0", "infeasible 3", "front 1",
+    for part in ("trials 1/4 done", "running 2", "failed 0", "interrupted 1", "infeasible 3",
+                 "front 1",
                  "hypervolume 0.25", "elapsed 1m15s", "ETA 2m30s"):
         assert part in line, part
     stream = io.StringIO()  # not a terminal: a line per change, not per call
@@ -92,8 +97,35 @@ def test_progress_lines_on_change_and_summary():
     progress.update(Snapshot(**{**snap.__dict__, "done": 2, "ok": 2}))
     assert stream.getvalue().count("\n") == 2
     summary = format_summary(study_name="s", storage_url="sqlite:///x.db", artifact_dir="/a",
-                             snapshot=snap, front=[{"trial": 0, "family": "mlr", "loss": 1.0,
-                                                    "flops": 4160.0, "hash": "ab"}],
+                             snapshot=snap, front=[{"number": 0, "family": "mlr",
+                                                    "val_loss": 1.0, "flops_per_token": 4160.0,
+                                                    "hash": "ab"}],
                              interrupted=True)
     assert "mlbtc dashboard --storage sqlite:///x.db" in summary and "resume:" in summary
     assert "4,160" in summary
+    default = format_summary(study_name="s", storage_url="sqlite:///mlbtc.db", artifact_dir="/a",
+                             snapshot=snap, front=[], interrupted=False, default_storage=True)
+    assert "next:      mlbtc dashboard\n" in default and "--storage" not in default
+
+
+def test_every_command_finds_the_default_storage(tmp_path, monkeypatch, capsys):
+    # mlbtc search writes ./mlbtc.db by default; studies/pareto/export/dashboard read it.
+    from dashboard.store import open_reader
+    from studies.runner import storage_url_for
+    from studies.space import load_space
+    from studies.storage import DEFAULT_URL, open_storage
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLBTC_STORAGE", raising=False)
+    (tmp_path / "s.yaml").write_text(
+        "name: s\ntask: {name: icl_regression, options: {n_dims: 4, n_points: 8}}\n"
+        "budget: 2e7\ntrials: 1\nspace: {width: 16, depth: 1, attention: {kind: standard, "
+        "heads: 2}}\n")
+    assert storage_url_for(load_space(tmp_path / "s.yaml")) == DEFAULT_URL
+    assert main(["studies"]) == 2 and "no study database at mlbtc.db" in capsys.readouterr().err
+    make_study(DEFAULT_URL, tmp_path / "artifacts")
+    assert main(["studies"]) == 0 and "tiny" in capsys.readouterr().out
+    assert main(["pareto", "tiny"]) == 0
+    assert open_storage(None, create=False).url == open_reader(None).url == DEFAULT_URL
+    monkeypatch.setenv("MLBTC_STORAGE", f"sqlite:///{tmp_path}/other.db")
+    assert main(["studies"]) == 2 and "other.db" in capsys.readouterr().err

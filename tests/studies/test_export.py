@@ -18,16 +18,17 @@ import mlbtc_search
 from mlbtc_search.cli import main
 from mlbtc_search.errors import UsageError
 from studies import export as ex
+from studies.record import TrialRecord, records
+from studies.storage import load_records
 from trainers.tasks import get_task
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def _trial(number: int, loss: float, flops: float, params: int = 100) -> optuna.trial.FrozenTrial:
-    t = create_trial(values=[loss, flops], user_attrs={"weights_artifact_id": f"a{number}",
-                                                       "params": params})
-    t.number = number
-    return t
+def _trial(number: int, loss: float, flops: float, params: int = 100) -> TrialRecord:
+    return TrialRecord.from_parts(number=number, optuna_state="COMPLETE", values=[loss, flops],
+                                  user_attrs={"weights_artifact_id": f"a{number}",
+                                              "params": params})
 
 
 # ---- picks (pure) ----------------------------------------------------------------------------
@@ -71,19 +72,21 @@ def test_parse_bound_rejects_everything_else(pick):
 
 def test_pick_trial_on_a_synthetic_study():
     study = optuna.create_study(directions=["minimize", "minimize"], study_name="s")
-    for t in [_trial(0, 1.0, 1e3, 10), _trial(1, 0.7, 3e3, 20), _trial(2, 0.3, 1e4, 30),
-              _trial(3, 0.25, 1e6, 40), _trial(4, 0.2, 1e7, 50)]:
-        study.add_trial(t)
+    for number, loss, flops, params in [(0, 1.0, 1e3, 10), (1, 0.7, 3e3, 20), (2, 0.3, 1e4, 30),
+                                        (3, 0.25, 1e6, 40), (4, 0.2, 1e7, 50)]:
+        study.add_trial(create_trial(values=[loss, flops], user_attrs={
+            "weights_artifact_id": f"a{number}", "params": params}))
     study.add_trial(create_trial(state=TrialState.FAIL, user_attrs={"status": "failed"}))
     study.add_trial(create_trial(values=[0.01, 1.0]))  # COMPLETE but no weights: never picked
-    assert ex.pick_trial(study, "min-loss").number == 4
-    assert ex.pick_trial(study, "knee").number == 2
-    assert ex.pick_trial(study, "flops<=3e3").number == 1
-    assert ex.pick_trial(study, "flops<3e3").number == 0
-    assert ex.pick_trial(study, "params<=40").number == 3
+    recs = records(study.get_trials())
+    assert ex.pick_trial(recs, "min-loss").number == 4
+    assert ex.pick_trial(recs, "knee").number == 2
+    assert ex.pick_trial(recs, "flops<=3e3").number == 1
+    assert ex.pick_trial(recs, "flops<3e3").number == 0
+    assert ex.pick_trial(recs, "params<=40").number == 3
     with pytest.raises(UsageError, match=r"no trial of study 's' has flops_per_token <= 10 "
                                          r"\(the smallest is 1000\); raise the bound"):
-        ex.pick_trial(study, "flops<=10")
+        ex.pick_trial(recs, "flops<=10", "s")
 
 
 # ---- real studies ----------------------------------------------------------------------------
@@ -110,7 +113,7 @@ def sqlite_study(tmp_path_factory):
 
 def test_export_roundtrip_reproduces_the_trial(storage_url, tmp_path):
     study = make_study(storage_url, tmp_path / "artifacts")
-    best = ex.pick_trial(study, "min-loss")
+    best = ex.pick_trial(load_records(study), "min-loss")
     out = ex.export_trial(study, best, tmp_path / "exports" / "best")
     assert sorted(p.name for p in out.iterdir()) == [
         "README.md", "architecture.yaml", "metrics.json", "model.safetensors"]
@@ -120,12 +123,12 @@ def test_export_roundtrip_reproduces_the_trial(storage_url, tmp_path):
     assert arch["task"] == TASK
     assert arch["adapter"] == {"input_kind": "vector", "input_dim": 4, "output_dim": 1}
     assert arch["max_seq_len"] == 16
-    assert arch["width"] == best.user_attrs["spec"]["width"]
+    assert arch["width"] == best.spec["width"]
 
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("val_loss", "metric", "metric_name", "flops_per_token", "params", "seed",
                 "budget_flops", "hash", "code_version"):
-        assert metrics[key] == best.user_attrs[key], key
+        assert metrics[key] == getattr(best, key), key
     assert metrics["study"] == "tiny" and metrics["trial"] == best.number
     assert metrics["exported_at"].endswith("+00:00")
 
@@ -137,7 +140,7 @@ def test_export_roundtrip_reproduces_the_trial(storage_url, tmp_path):
     # The loaded model is the trained one and reproduces the recorded validation numbers with
     # the training loop's evaluation settings (TrainConfig eval_batches/batch size/eval_seed).
     model = mlbtc_search.load(out)
-    index = next(i for i in range(len(SPECS)) if trained(i).hash == best.user_attrs["hash"])
+    index = next(i for i in range(len(SPECS)) if trained(i).hash == best.hash)
     original = trained(index).model.state_dict()
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, original[name]), name
@@ -145,13 +148,13 @@ def test_export_roundtrip_reproduces_the_trial(storage_url, tmp_path):
                                      "batch_size": CONFIG.eval_batch_size or CONFIG.batch_size}
     task = get_task(arch["task"]["name"], **arch["task"]["options"])
     again = task.evaluate(model, **metrics["evaluation"])
-    assert again["val_loss"] == pytest.approx(best.user_attrs["val_loss"], rel=1e-6, abs=1e-7)
-    assert again["metric"] == pytest.approx(best.user_attrs["metric"], rel=1e-6, abs=1e-7)
+    assert again["val_loss"] == pytest.approx(best.val_loss, rel=1e-6, abs=1e-7)
+    assert again["metric"] == pytest.approx(best.metric, rel=1e-6, abs=1e-7)
 
 
 def test_cli_picks(cli, sqlite_study, tmp_path, capsys):
     study = optuna.load_study(study_name="tiny", storage=sqlite_study)
-    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    done = [t for t in load_records(study) if t.state == "complete"]
     cheapest = min(done, key=lambda t: t.values[1])
     assert cli("export", "tiny", "--storage", sqlite_study, "--trial", 2,
                "--out", tmp_path / "t2") == 0
@@ -171,11 +174,11 @@ def test_cli_picks(cli, sqlite_study, tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["nope", "--trial", "0"], r"no study named 'nope' in this storage; studies: other, tiny"),
     (["tiny", "--trial", "42"], r"study 'tiny' has no trial 42 \(trials are numbered 0\.\.5\)"),
-    (["tiny", "--trial", "3"], r"trial 3 of study 'tiny' is FAIL, not COMPLETE \(status "
-                               r"infeasible: flops_per_token 1e9 > max_flops_per_token 1e6\)"),
-    (["tiny", "--trial", "4"], r"is FAIL, not COMPLETE \(status failed: TrainingError: budget"),
-    (["tiny", "--trial", "5"], r"\(status duplicate: same architecture as trial 0 \(duplicate "
-                               r"of trial 0\)\)"),
+    (["tiny", "--trial", "3"], r"trial 3 of study 'tiny' is infeasible, not complete "
+                               r"\(flops_per_token 1e9 > max_flops_per_token 1e6\)"),
+    (["tiny", "--trial", "4"], r"is failed, not complete \(TrainingError: budget"),
+    (["tiny", "--trial", "5"], r"is duplicate, not complete \(same architecture as trial 0; "
+                               r"duplicate of trial 0\)"),
     (["tiny", "--pick", "flops<=1"], r"no trial of study 'tiny' has flops_per_token <= 1 "),
     (["tiny", "--pick", "flops >= 1"], r"--pick must be min-loss, knee, or a bound"),
     (["tiny", "--pick", "min-loss", "--format", "onnx"], r"--format onnx needs the onnx"),
@@ -224,8 +227,8 @@ def test_missing_weights_artifact(sqlite_study, tmp_path):
                        failures=False)
     for f in (tmp_path / "artifacts").iterdir():
         f.unlink()
-    with pytest.raises(UsageError, match=r"the weights of trial 0 \(artifact .*\) are not in "
-                                         r"the artifact store"):
+    with pytest.raises(UsageError, match=r"the weights of trial 0 \(artifact .*\) not found "
+                                         r"in the artifact store"):
         ex.export_trial(study, 0, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -233,11 +236,11 @@ def test_missing_weights_artifact(sqlite_study, tmp_path):
 def test_weights_that_do_not_match_the_spec(tmp_path):
     study = make_study(f"sqlite:///{tmp_path}/s.db", tmp_path / "artifacts", models=(0, 2),
                        failures=False)
-    trials = study.get_trials()
+    trials = load_records(study)
     # Replace trial 0's weights with trial 1's (a wider model) in the artifact store.
     artifacts = tmp_path / "artifacts"
-    (artifacts / trials[0].user_attrs["weights_artifact_id"]).write_bytes(
-        (artifacts / trials[1].user_attrs["weights_artifact_id"]).read_bytes())
+    (artifacts / trials[0].weights_artifact_id).write_bytes(
+        (artifacts / trials[1].weights_artifact_id).read_bytes())
     with pytest.raises(UsageError, match=r"do not match the architecture: .*has shape"):
         ex.export_trial(study, 0, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -318,7 +321,7 @@ def test_export_a_real_search(ray_local, cli, tmp_path, capsys):
     outcome = run_search(load_space(tmp_path / "tiny.yaml"), url)
     assert outcome.snapshot.ok == 2
     study = optuna.load_study(study_name="tiny-search", storage=url)
-    best = min((t for t in study.trials if t.state == TrialState.COMPLETE),
+    best = min((t for t in load_records(study) if t.state == "complete"),
                key=lambda t: t.values[0])
 
     out = tmp_path / "exports" / "best"
@@ -333,6 +336,6 @@ def test_export_a_real_search(ray_local, cli, tmp_path, capsys):
     spec_task = model.spec.to_dict()["task"]  # the README's reproduction recipe
     task = get_task(spec_task["name"], **spec_task["options"])
     again = task.evaluate(model, **metrics["evaluation"])
-    assert again["val_loss"] == pytest.approx(best.user_attrs["val_loss"], rel=1e-6, abs=1e-7)
-    assert again["metric"] == pytest.approx(best.user_attrs["metric"], rel=1e-6, abs=1e-7)
-    assert model.spec.hash() == best.user_attrs["hash"]
+    assert again["val_loss"] == pytest.approx(best.val_loss, rel=1e-6, abs=1e-7)
+    assert again["metric"] == pytest.approx(best.metric, rel=1e-6, abs=1e-7)
+    assert model.spec.hash() == best.hash

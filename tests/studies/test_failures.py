@@ -1,8 +1,8 @@
 """A killed worker, a killed driver, Ctrl-C, NaN/divergence and bad input lose nothing finished.
 
-Trials are made slow on purpose through the runner's test hook (``MLBTC_TEST_TRIAL_HOOK``: one
-trial number writes its worker's pid to a file and sleeps), so a test can act while that trial
-is running and know which process runs it. Two baselines make trials 0 and 1 deterministic.
+A trial is made slow by its own settings (``train.eval_batches`` = SLOW_EVAL_BATCHES), so a test
+can act while it runs; its worker is found by the Ray task name the runner gives every trial
+(``ray::mlbtc-trial-N`` as the process title). Baselines make the first trials deterministic.
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ import pytest
 import sqlalchemy
 from _search_helpers import (
     REPO,
+    SLOW_EVAL_BATCHES,
     cli_env,
     complete,
-    hook_env,
     kill_group,
     process_gone,
-    read_pid,
     run_search_cli,
     start_search,
+    trial_worker_pid,
     trials,
     wait_for,
     write_space,
@@ -31,10 +31,11 @@ from _search_helpers import (
 from optuna.trial import TrialState
 
 from mlbtc_search.cli import main
-from studies.pareto import front_rows
+from studies.pareto import front
+from studies.record import records
 from studies.runner import run_search
 from studies.space import load_space
-from studies.storage import load_study, open_storage
+from studies.storage import load_records, load_study, open_storage
 from studies.trials import STALE_REASON, dedup_key
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -45,18 +46,25 @@ BASELINES = [
 ]
 
 
-def _space(path, **changes):
-    """The tiny space at width 16 only (every proposal is feasible) with two baselines."""
+def _space(path, slow=(), **changes):
+    """The tiny space at width 16 only (every proposal is feasible) with baselines: the two
+    above, then standard with one head; the baselines numbered in ``slow`` train slowly."""
     from _search_helpers import tiny_space
 
-    inner = tiny_space()["space"]
-    return write_space(path, baselines=BASELINES, space={**inner, "width": 16}, **changes)
+    base = tiny_space()
+    inner = {**base["space"], "width": 16, "train.eval_batches": {"choice": [2]}}
+    baselines = [*BASELINES, {"attention.kind": "standard", "attention.heads": 1}]
+    baselines = [{**b, "train.eval_batches": SLOW_EVAL_BATCHES if i in slow else 2}
+                 for i, b in enumerate(baselines)]
+    if slow:
+        inner["train.eval_batches"] = {"choice": [2, SLOW_EVAL_BATCHES]}
+    train = {k: v for k, v in base["train"].items() if k != "eval_batches"}
+    return write_space(path, baselines=baselines, space=inner, train=train, **changes)
 
 
 @pytest.fixture
 def artifacts_env(tmp_path, monkeypatch):
     monkeypatch.setenv("MLBTC_ARTIFACTS", str(tmp_path / "artifacts"))
-    monkeypatch.delenv("MLBTC_TEST_TRIAL_HOOK", raising=False)
 
 
 def _by_number(ts):
@@ -70,28 +78,23 @@ def _trained(ts) -> int:
 
 
 def _assert_no_repeats(ts):
-    keys = [dedup_key(t.user_attrs["hash"], t.user_attrs["train"], t.user_attrs["seed"])
-            for t in complete(ts)]
+    keys = [dedup_key(r.hash, r.train, r.seed) for r in records(complete(ts))]
     assert len(keys) == len(set(keys))
 
 
 # ---- in-process, on the session's Ray ---------------------------------------------------------
 def test_killed_worker_fails_the_trial_and_retries_it(ray_local, storage_url, tmp_path,
                                                       artifacts_env, monkeypatch):
-    pid_dir = tmp_path / "pids"
-    pid_dir.mkdir()
-    for key, value in hook_env(1, pid_dir).items():
-        monkeypatch.setenv(key, value)
     killed: list[int] = []
 
     def kill_trial_1() -> None:
-        pid = wait_for(lambda: read_pid(pid_dir / "trial-1.pid"), 120, "trial 1's worker")
+        pid = wait_for(lambda: trial_worker_pid(1), 120, "trial 1's worker")
         os.kill(pid, signal.SIGKILL)
         killed.append(pid)
 
     killer = threading.Thread(target=kill_trial_1, daemon=True)
     killer.start()
-    outcome = run_search(load_space(_space(tmp_path / "s.yaml", trials=3),
+    outcome = run_search(load_space(_space(tmp_path / "s.yaml", slow=(1,), trials=3),
                                     {"storage": storage_url}))
     killer.join(10)
     assert killed, "the hooked trial never started"
@@ -128,9 +131,9 @@ def test_diverging_trial_is_failed_with_its_reason(ray_local, storage_url, tmp_p
     assert "loss" in t0.user_attrs["reason"]
     assert "weights_artifact_id" not in t0.user_attrs and t0.values is None
     assert not [t for t in ts if t.user_attrs.get("retry_of") == 0]  # it would fail again
-    assert 0 not in [r["trial"] for r in front_rows(study)]
+    assert 0 not in [r.number for r in front(load_records(study))]
     assert outcome.snapshot.done == 2 and outcome.snapshot.failed == 1
-    assert [r["trial"] for r in front_rows(study)] == [1]
+    assert [r.number for r in front(load_records(study))] == [1]
 
 
 def test_invalid_space_exits_2_and_writes_nothing(storage_url, tmp_path, capsys):
@@ -167,16 +170,14 @@ def test_killed_driver_resumes_without_repeating_trials(tmp_path):
     # SQLite only: two driver start-ups per run make this the slowest test; the stale-trial
     # reaping it checks is the same storage API that the in-process tests run on PostgreSQL.
     storage_url = f"sqlite:///{tmp_path}/study.db"
-    space = _space(tmp_path / "s.yaml", trials=3)
-    pid_dir = tmp_path / "pids"
-    pid_dir.mkdir()
+    space = _space(tmp_path / "s.yaml", slow=(2,), trials=3)
     args = [str(space), "--storage", storage_url]
-    proc = start_search(args, cli_env(tmp_path, **hook_env(2, pid_dir)), REPO)
+    proc = start_search(args, cli_env(tmp_path), REPO)
     try:
-        wait_for(lambda: complete(trials(storage_url)) and read_pid(pid_dir / "trial-2.pid"),
+        wait_for(lambda: complete(trials(storage_url)) and trial_worker_pid(2, proc.pid),
                  180, "a finished trial and trial 2 running", proc)
         before = {t.number: t.values for t in complete(trials(storage_url))}
-        worker = read_pid(pid_dir / "trial-2.pid")
+        worker = trial_worker_pid(2, proc.pid)
         os.kill(proc.pid, signal.SIGKILL)  # kill -9 the driver
         proc.wait(30)
         # Ray's processes share the driver's fate: the sleeping worker goes too.
@@ -190,6 +191,7 @@ def test_killed_driver_resumes_without_repeating_trials(tmp_path):
     cp = run_search_cli(args, cli_env(tmp_path), REPO)
     assert cp.returncode == 0, cp.stderr
     assert "previous driver" in cp.stderr
+    assert "resuming study 'tiny'" in cp.stderr and "resumed: this run trained" in cp.stdout
 
     ts = trials(storage_url)
     t2 = _by_number(ts)[2]
@@ -207,13 +209,10 @@ def test_killed_driver_resumes_without_repeating_trials(tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_stops_cleanly_with_exit_130(tmp_path):
     url = f"sqlite:///{tmp_path}/study.db"
-    space = _space(tmp_path / "s.yaml", trials=4)
-    pid_dir = tmp_path / "pids"
-    pid_dir.mkdir()
-    proc = start_search([str(space), "--storage", url],
-                        cli_env(tmp_path, **hook_env(1, pid_dir)), REPO)
+    space = _space(tmp_path / "s.yaml", slow=(1,), trials=4)
+    proc = start_search([str(space), "--storage", url], cli_env(tmp_path), REPO)
     try:
-        wait_for(lambda: complete(trials(url)) and read_pid(pid_dir / "trial-1.pid"),
+        wait_for(lambda: complete(trials(url)) and trial_worker_pid(1, proc.pid),
                  180, "a finished trial and trial 1 running", proc)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=120)
@@ -226,6 +225,8 @@ def test_ctrl_c_stops_cleanly_with_exit_130(tmp_path):
     ts = trials(url)
     t1 = _by_number(ts)[1]
     assert t1.state == TrialState.FAIL and t1.user_attrs["reason"] == "interrupted"
+    assert t1.user_attrs["status"] == "interrupted"  # counted as interrupted, not failed
+    assert "interrupted 1" in out or "interrupted 2" in out
     assert not [t for t in ts if t.state == TrialState.RUNNING]
     done = complete(ts)
     assert done and all("weights_artifact_id" in t.user_attrs for t in done)

@@ -13,6 +13,7 @@ from _search_helpers import complete, write_space
 from optuna.trial import TrialState
 
 from mlbtc_search.errors import SpecError, UsageError
+from studies.record import decode_attr
 from studies.runner import run_search
 from studies.space import load_space
 from studies.storage import load_study, open_storage
@@ -52,10 +53,9 @@ def test_four_trials_share_one_gpu(ray_local, tmp_path, artifacts_env) -> None:
     done = complete(ts)
     assert len(done) == 4 and all(t.state == TrialState.COMPLETE for t in done)
     total = torch.cuda.get_device_properties(0).total_memory
-    for t in done:
-        gpu = t.user_attrs["gpu"]
+    gpus = [decode_attr(t.user_attrs["gpu"]) for t in done]  # stored as a JSON string
+    for t, gpu in zip(done, gpus, strict=True):
         assert t.user_attrs["status"] == "ok" and gpu["share"] == 0.25
         assert gpu["cap_bytes"] == pytest.approx(0.95 * 0.25 * total, rel=1e-6)
     # packed: the four worker calls overlapped in time (all were on the GPU together)
-    gpus = [t.user_attrs["gpu"] for t in done]
     assert max(g["start"] for g in gpus) < min(g["end"] for g in gpus)

@@ -12,15 +12,17 @@ from hypothesis import strategies as st
 
 from studies.pareto import (
     default_reference,
-    front_rows,
+    front,
     hv_point,
+    hypervolume,
     hypervolume_2d,
     hypervolume_history,
+    hypervolume_history_points,
     pareto_front,
-    study_hypervolume,
-    study_rows,
     study_summary,
 )
+from studies.record import StudyInfo, TrialRecord
+from studies.storage import load_records, study_info
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -98,39 +100,67 @@ def test_default_reference_is_ten_percent_beyond_the_worst():
     assert hv_point(0.5, 1e4) == (0.5, 4.0)
 
 
-def _row(number, loss, flops, state="COMPLETE"):
+def _rec(number, loss, flops, state="COMPLETE"):
     values = [loss, flops] if state == "COMPLETE" else None
-    return {"trial": number, "state": state, "values": values, "loss": loss, "flops": flops}
+    return TrialRecord.from_parts(number=number, optuna_state=state, values=values,
+                                  user_attrs={"status": "failed"} if state == "FAIL" else {})
 
 
 def test_hypervolume_history_never_decreases_and_ends_at_the_study_value():
-    rows = [_row(0, 1.0, 1e4), _row(1, 0.9, 1e5), _row(2, 1.2, 1e5), _row(3, 0.0, 0.0, "FAIL"),
-            _row(4, 0.5, 1e6), _row(5, 0.8, 1e3)]
-    history = hypervolume_history(None, rows)
-    assert [h["trial"] for h in history] == [0, 1, 2, 4, 5]
-    volumes = [h["hypervolume"] for h in history]
+    recs = [_rec(0, 1.0, 1e4), _rec(1, 0.9, 1e5), _rec(2, 1.2, 1e5), _rec(3, 0.0, 0.0, "FAIL"),
+            _rec(4, 0.5, 1e6), _rec(5, 0.8, 1e3)]
+    history = hypervolume_history(recs)
+    assert [n for n, _ in history] == [0, 1, 2, 4, 5]
+    volumes = [h for _, h in history]
     assert volumes == sorted(volumes) and volumes[0] > 0
     assert volumes[2] == volumes[1]  # trial 2 is dominated
-    assert volumes[-1] == pytest.approx(study_hypervolume(rows))
+    assert volumes[-1] == pytest.approx(hypervolume(recs))
 
 
-def test_rows_front_and_summary_of_a_real_study(storage_url, tmp_path):
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 6).map(float), st.integers(0, 6).map(float)),
+                min_size=1, max_size=20))
+def test_incremental_history_equals_recomputing_each_prefix(points):
+    ref = (7.0, 7.0)
+    history = hypervolume_history_points(points, ref)
+    assert history == pytest.approx([hypervolume_2d(points[:k + 1], ref)
+                                     for k in range(len(points))])
+
+
+def test_records_front_and_summary_of_a_real_study(storage_url, tmp_path):
     study = make_study(storage_url, tmp_path / "artifacts")
-    rows = study_rows(study)
-    assert [r["status"] for r in rows] == ["ok", "ok", "ok", "infeasible", "failed", "duplicate"]
-    assert {"trial", "state", "status", "values", "family", "hash", "flops", "params_count",
-            "reason", "loss", "params"} <= set(rows[0])
-    assert rows[4]["reason"].startswith("TrainingError") and rows[5]["duplicate_of"] == 0
-    done = [r for r in rows if r["state"] == "COMPLETE"]
-    front = front_rows(study, rows)
-    expected = brute_front([(r["loss"], r["flops"]) for r in done])
-    assert sorted(r["trial"] for r in front) == sorted(done[i]["trial"] for i in expected)
-    assert [r["flops"] for r in front] == sorted(r["flops"] for r in front)
+    recs = load_records(study)
+    assert [r.state for r in recs] == ["complete"] * 3 + ["infeasible", "failed", "duplicate"]
+    row = recs[0].row()
+    assert {"number", "state", "values", "family", "hash", "flops_per_token", "params",
+            "reason", "val_loss", "sampled"} <= set(row)
+    assert recs[4].reason.startswith("TrainingError") and recs[5].duplicate_of == 0
+    assert recs[5].row()["reason"] == "duplicate of trial 0"
+    assert isinstance(recs[0].spec, dict) and isinstance(recs[0].train, dict)
+    done = [r for r in recs if r.state == "complete"]
+    best = front(recs)
+    expected = brute_front([r.point for r in done])
+    assert sorted(r.number for r in best) == sorted(done[i].number for i in expected)
+    assert [r.flops_per_token for r in best] == sorted(r.flops_per_token for r in best)
 
-    summary = study_summary(study)
+    info = study_info(study)
+    assert isinstance(info, StudyInfo) and info.task_name == "icl_regression"
+    summary = study_summary("tiny", info, recs)
     assert summary["name"] == "tiny" and summary["task"] == "icl_regression"
-    assert summary["trials"] == 6 and summary["states"] == {"COMPLETE": 3, "FAIL": 3}
-    assert summary["statuses"] == {"ok": 3, "infeasible": 1, "failed": 1, "duplicate": 1}
-    assert summary["best_loss"] == min(r["loss"] for r in done)
-    assert summary["front_size"] == len(front) and summary["hypervolume"] > 0
+    assert summary["trials"] == 6 and summary["trained"] == 4
+    assert {k: v for k, v in summary["states"].items() if v} == {
+        "complete": 3, "infeasible": 1, "failed": 1, "duplicate": 1}
+    assert summary["best_loss"] == min(r.val_loss for r in done)
+    assert summary["front_size"] == len(best) and summary["hypervolume"] > 0
     assert summary["last_update"]
+
+
+def test_interrupted_trials_are_their_own_state():
+    old = TrialRecord.from_parts(number=0, optuna_state="FAIL", values=None,
+                                 user_attrs={"status": "failed", "reason": "interrupted"})
+    new = TrialRecord.from_parts(number=1, optuna_state="FAIL", values=None,
+                                 user_attrs={"status": "interrupted", "reason": "interrupted",
+                                             "retried": True})
+    assert old.state == new.state == "interrupted"
+    assert not new.trained and study_summary("s", StudyInfo(), [old, new])["states"][
+        "interrupted"] == 2

@@ -7,6 +7,7 @@ two-node Ray cluster (a head and a second node) and runs ``mlbtc search --addres
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -35,9 +36,10 @@ from safetensors.torch import load_file
 from services import free_port
 
 from mlbtc_search.model import ModelSpec, build_model
+from studies.record import TrialRecord, json_safe, records
 from studies.runner import run_search
 from studies.space import load_space
-from studies.storage import artifact_store, load_study, open_storage
+from studies.storage import artifact_store, load_study, open_storage, study_info
 from studies.trials import dedup_key
 
 
@@ -45,7 +47,6 @@ from studies.trials import dedup_key
 def artifacts_env(tmp_path, monkeypatch):
     """Artifacts of non-SQLite storages go under tmp_path, not the working directory."""
     monkeypatch.setenv("MLBTC_ARTIFACTS", str(tmp_path / "artifacts"))
-    monkeypatch.delenv("MLBTC_TEST_TRIAL_HOOK", raising=False)
 
 
 def test_search_records_the_storage_contract(ray_local, storage_url, tmp_path, artifacts_env):
@@ -59,28 +60,38 @@ def test_search_records_the_storage_contract(ray_local, storage_url, tmp_path, a
     done = complete(ts)
     assert len(done) == 4
     assert study.metric_names == ["val_loss", "flops_per_token"]
-    info = study.user_attrs["mlbtc"]
+    assert isinstance(study.user_attrs["mlbtc"], str)  # JSON text: optuna-dashboard shows it whole
+    info = json.loads(study.user_attrs["mlbtc"])
     assert set(CONTRACT_STUDY_ATTRS) <= set(info)
     assert info["task"] == space.task and info["budget_flops"] == 2e7
     assert Path(info["artifact_dir"]).is_absolute() and Path(info["artifact_dir"]).is_dir()
+    assert study_info(study).task == space.task
+    # No dict or list attr anywhere (optuna-dashboard cuts their JSON at 1,024 characters).
+    assert not [(t.number, k) for t in ts for k, v in t.user_attrs.items()
+                if isinstance(v, dict | list)]
 
     # The baseline is enqueued first, so it is trial 0, and it trained.
     assert ts[0].user_attrs["baseline"] == 0 and ts[0].state == TrialState.COMPLETE
     assert ts[0].params == {"width": 16, "attention.kind": "standard", "attention.heads": 2}
 
+    store = artifact_store(study)
     for t in done:
         ua = t.user_attrs
         assert set(CONTRACT_TRIAL_ATTRS) <= set(ua), t.number
-        assert ua["status"] == "ok" and ua["reason"] is None
-        assert t.values == [ua["val_loss"], ua["flops_per_token"]]
-        assert ua["flops_per_token"] <= 6000 and ua["budget_flops"] == 2e7
-        assert ua["curve"] and {"step", "flops", "train_loss"} <= set(ua["curve"][0])
-        assert ua["node"]  # where it trained
-        spec = ModelSpec.from_dict(ua["spec"])
-        assert spec.hash() == ua["hash"] and spec.family == ua["family"]
+        r = TrialRecord.from_trial(t)
+        assert r.state == "complete" and ua["status"] == "ok" and r.reason is None
+        assert t.values == [r.val_loss, r.flops_per_token]
+        assert r.flops_per_token <= 6000 and r.budget_flops == 2e7
+        assert r.curve and {"step", "flops", "train_loss"} <= set(r.curve[0])
+        assert r.node and r.pid  # where it trained
+        spec = ModelSpec.from_dict(r.spec)
+        assert spec.hash() == r.hash and spec.family == r.family
+        # The curve is also an artifact: JSON lines, one evaluation each.
+        with store.open_reader(r.curve_artifact_id) as f:
+            lines = [json.loads(line) for line in f.read().decode().splitlines()]
+        assert lines == json_safe(r.curve)
     # Distinct architectures only: duplicates were never trained.
-    keys = [dedup_key(t.user_attrs["hash"], t.user_attrs["train"], t.user_attrs["seed"])
-            for t in done]
+    keys = [dedup_key(r.hash, r.train, r.seed) for r in records(done)]
     assert len(set(keys)) == len(keys)
 
     # The weights are an artifact that loads into the rebuilt model.
@@ -88,7 +99,7 @@ def test_search_records_the_storage_contract(ray_local, storage_url, tmp_path, a
     path = tmp_path / "w.safetensors"
     download_artifact(artifact_store=artifact_store(study), file_path=str(path),
                       artifact_id=t.user_attrs["weights_artifact_id"])
-    model = build_model(ModelSpec.from_dict(t.user_attrs["spec"]))
+    model = build_model(ModelSpec.from_dict(TrialRecord.from_trial(t).spec))
     model.load_state_dict(load_file(str(path)), strict=True)
     model.eval()
     inputs = torch.zeros(1, 4, 4)
@@ -112,7 +123,7 @@ def test_search_records_the_storage_contract(ray_local, storage_url, tmp_path, a
 
     # Running it again changes nothing: the study already has its 4 trained trials.
     again = run_search(space)
-    assert again.new_trials == 0
+    assert again.new_trials == 0 and again.already_complete and again.resumed
     assert len(load_study(storage, "tiny").get_trials(deepcopy=False)) == len(ts)
 
 
@@ -136,8 +147,11 @@ def test_candidates_the_budget_cannot_train_are_infeasible(tmp_path):
     space = load_space(write_space(tmp_path / "s.yaml", constraints={},
                                    baselines=[{"width": 48, "attention.kind": "standard",
                                                "attention.heads": 2}]), {"storage": url}).prepare()
-    study, artifacts = open_study(open_storage(url), space, url, "test")
-    recorder = Recorder(study, space, FileSystemArtifactStore(str(artifacts)), "test")
+    storage = open_storage(url)
+    opened = open_study(storage, space, url, "test")
+    study = opened.study
+    recorder = Recorder(study, space, storage, FileSystemArtifactStore(str(opened.artifact_dir)),
+                        "test")
     recorder.enqueue_baselines()
     pending = recorder.ask()
     assert pending is not None and pending.candidate.spec.width == 16
@@ -145,6 +159,17 @@ def test_candidates_the_budget_cannot_train_are_infeasible(tmp_path):
     assert t0.state == TrialState.FAIL and t0.user_attrs["status"] == "infeasible"
     assert t0.user_attrs["reason"].startswith("budget too small for one step")
     assert recorder.counts.infeasible >= 1
+
+
+def test_a_failed_address_join_is_one_line_and_leaves_no_study(tmp_path):
+    url = f"sqlite:///{tmp_path}/s.db"
+    space = write_space(tmp_path / "tiny.yaml", trials=1)
+    cp = run_search_cli([str(space), "--address", f"127.0.0.1:{free_port()}", "--storage", url],
+                        cli_env(tmp_path), REPO, timeout=120)
+    assert cp.returncode == 2, cp.stderr
+    assert cp.stderr.count("\n") == 1 and "cannot join the Ray cluster at 127.0.0.1:" in \
+        cp.stderr, cp.stderr
+    assert not (tmp_path / "s.db").exists()  # no study, not even an empty database
 
 
 # ---- a real two-node Ray cluster -------------------------------------------------------------

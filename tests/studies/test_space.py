@@ -14,7 +14,6 @@ from studies.space import (
     Candidate,
     PreparedSpace,
     SearchSpace,
-    default_storage,
     load_space,
     make_sampler,
     model_costs,
@@ -303,13 +302,6 @@ def test_precedence_cli_over_file_over_default(tmp_path: Path):
         prepared(path, {"budget": 1e9})
 
 
-def test_default_storage_is_beside_the_yaml(tmp_path: Path):
-    space = prepared(write(tmp_path))
-    assert default_storage(space) == f"sqlite:///{tmp_path.resolve() / 'tiny.db'}"
-    assert default_storage(prepared(write(tmp_path, storage="sqlite:///x.db"))) == (
-        "sqlite:///x.db")
-
-
 def test_to_dict_round_trips(tiny: PreparedSpace):
     d = tiny.to_dict()
     again = SearchSpace.from_dict(d)
@@ -384,8 +376,9 @@ BAD = [
      r"resources\.gpus: resources\.gpus must be a finite number >= 0"),
     ({"budget": "\"2e9\""}, "budget", r"budget: budget must be a positive number .*got .2e9."),
     ({"space": "\n  width: 16\n  depth: {int: [1, 1000000000]}\n  layers: {per_layer: "
-               "{kind: standard}}"}, "layers",  # no 10**9 per-layer subtrees are built
-     r"space\.layers: no sampled architecture is valid .*layers must be a list of depth="),
+               "{kind: standard}}"}, "depth:",  # refused by the depth limit, nothing built
+     r"space\.depth\.int: no sampled architecture is valid .*depth must be an integer >= 1 "
+     r"and <= 1024"),
     ({"baselines": "[{attention.knd: standard}]"}, "baselines",
      r"baselines\[0\]\.attention\.knd: unknown parameter 'attention\.knd'; the space has: "),
     ({"baselines": "[{attention.heads: 3}]"}, "baselines",
