@@ -40,7 +40,15 @@ def space_file() -> tuple[Path, str]:
 def run_rediscovery(meta: dict, args: Any, out: Path, timeout_s: float, spawn: Any,
                     kill: Any) -> dict:
     """Run (or resume) the search; return the row for results.jsonl (with the trials)."""
+    import importlib.util
+
     import yaml
+
+    missing = [m for m in ("optuna", "ray", "sqlalchemy") if importlib.util.find_spec(m) is None]
+    if missing:  # e.g. a GPU image with torch only: the other phases need none of these
+        return {"status": "skipped", "reason": f"mlbtc search needs {', '.join(missing)}, not "
+                "installed here", "space": space_file()[1], "budget": meta["budget"],
+                "trials": [], "wall_s": 0.0}
 
     src, note = space_file()
     space = yaml.safe_load(src.read_text())

@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _search_helpers import complete, write_space
-from optuna.trial import TrialState
 
-from mlbtc_search.errors import SpecError, UsageError
-from studies.record import decode_attr
-from studies.runner import run_search
-from studies.space import load_space
-from studies.storage import load_study, open_storage
+pytest.importorskip("optuna")  # the device machine may have torch but not the search stack
+pytest.importorskip("ray")
+
+from _search_helpers import complete, write_space  # noqa: E402
+from optuna.trial import TrialState  # noqa: E402
+
+from mlbtc_search.errors import SpecError, UsageError  # noqa: E402
+from studies.record import decode_attr  # noqa: E402
+from studies.runner import run_search  # noqa: E402
+from studies.space import load_space  # noqa: E402
+from studies.storage import load_study, open_storage  # noqa: E402
 
 
 @pytest.fixture
