@@ -200,8 +200,9 @@ def rediscovery_table(results: dict[str, dict], out: Path, d: int) -> list[str]:
     row = max(rows, key=lambda r: len(r.get("trials", [])))
     trials = [t for t in row["trials"] if t["metric"] is not None]
     lines = [f"## Rediscovery: {row['space']}", "",
-             f"Search status {row['status']}, {len(trials)} trained trials, budget "
-             f"{row['budget']:.3g} per trial.", ""]
+             f"Search status {row['status']}" + (f" ({row['reason']})" if row.get("reason")
+                                                  else "")
+             + f", {len(trials)} trained trials, budget {row['budget']:.3g} per trial.", ""]
     if not trials:
         return lines
     lines += ["| family | trials | best last_sq_error | median | global rank |",
