@@ -295,8 +295,13 @@ def run_jobs(jobs: list[Job], concurrency: int, timeout_s: float, deadline: floa
 def run_job(job: dict) -> dict:
     """The child: train one job, return its result row (one JSON line on stdout)."""
     t0 = time.time()
+    pinned = None
     if job.get("cpus") and hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, set(job["cpus"]))
+        try:
+            os.sched_setaffinity(0, set(job["cpus"]))
+            pinned = sorted(os.sched_getaffinity(0))
+        except OSError:  # a sandbox may refuse: the row says it ran unpinned
+            pinned = None
     import torch
 
     from mlbtc_search.model import ModelSpec
@@ -317,7 +322,7 @@ def run_job(job: dict) -> dict:
             "metric_name": res.metric_name, "val_loss": res.val_loss, "steps": res.steps,
             "train_flops": res.train_flops, "flops_per_token": res.flops_per_token,
             "params": res.params, "train_s": res.seconds, "start_s": t1 - t0,
-            "device": name, "spec": spec.to_dict(), "task": job["task"],
+            "device": name, "spec": spec.to_dict(), "task": job["task"], "pinned": pinned,
             "curve": [{k: c.get(k) for k in ("step", "flops", "metric", "val_loss")}
                       for c in res.curve if c.get("metric") is not None]}
 
