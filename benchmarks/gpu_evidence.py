@@ -185,11 +185,20 @@ def job_steps(job: Job) -> tuple[float, float]:
     return job.budget / per_step, per_step  # the curriculum only makes early steps cheaper
 
 
+def search_stack() -> bool:
+    """Whether ``mlbtc search`` can run here (the GPU image may hold torch alone)."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("optuna", "ray", "sqlalchemy"))
+
+
 def group_estimate_s(g: Group, device: str, step_gpu_s: float | None) -> float:
     """Seconds a group should take: the slowest of (one process's launch-bound time, the GPU's
     serial kernel time of all steps, FLOPs at the aggregate rate), plus process starts."""
     dev = "cuda" if device.startswith("cuda") else "cpu"
     if g.phase == "rediscovery":
+        if not search_stack():
+            return 0.0  # recorded as skipped at once
         m = g.meta
         steps = m["trials"] * m["budget"] / 4e9  # ~4e9 FLOPs per step in the ICL space
         waves = -(-m["trials"] // m["workers"])
