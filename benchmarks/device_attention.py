@@ -3,10 +3,19 @@
 Measures, forward+backward in bf16 on one GPU, against ``F.scaled_dot_product_attention(
 is_causal=True)`` in a plain layer: our standard attention, MLR (8 levels), sliding window 256 and
 bilinear BTT, at T in {1024, 4096, 8192}, width 1024, 16 heads, batch 1; then BTT (rank 1) in bf16
-against a dense ``nn.Linear`` GEMM at D=4096, 8192 rows. Every case runs in its own subprocess
-with its own timeout, appends one JSON line to the results file as soon as it finishes (an OOM or
-a timeout is recorded too), and is skipped when the file already has it: rerun the same command to
-resume. A summary table is printed at the end (also from a partial file).
+against a dense ``nn.Linear`` GEMM at D=4096, 8192 rows.
+
+The layers run the default CUDA path of ``attention_kernels`` (``attention_flex``: compiled
+FlexAttention per score width with block masks, merged by log-sum-exp; a single region is one
+SDPA call); each row records the backend and the first call's time (compilation included).
+``flex_causal`` is the plain layer with one compiled flex call (causal block mask) in place of
+SDPA: what flex itself costs against the fused SDPA kernel. ``MLBTC_ATTENTION_BACKEND=regions``
+measures the unfused region kernel instead (write to another --out).
+
+Every case runs in its own subprocess with its own timeout, appends one JSON line to the results
+file as soon as it finishes (an OOM or a timeout is recorded too), and is skipped when the file
+already has it: rerun the same command to resume. A summary table is printed at the end (also
+from a partial file).
 
     python benchmarks/device_attention.py --out benchmarks/results/device_attention_h200.jsonl
     python benchmarks/device_attention.py --summary-only --out ...
@@ -23,7 +32,7 @@ from pathlib import Path
 
 T_VALUES = (1024, 4096, 8192)
 WIDTH, HEADS = 1024, 16
-LAYERS = ("sdpa", "standard", "mlr8", "window256", "bilinear_btt")
+LAYERS = ("sdpa", "flex_causal", "standard", "mlr8", "window256", "bilinear_btt")
 MATRICES = ("dense", "btt")
 
 
@@ -38,20 +47,43 @@ def _attention_spec(name: str, T: int) -> dict:
     }[name]
 
 
-def run_case(kind: str, name: str, T: int, repeats: int) -> dict:
-    """Runs in the subprocess: one timed case on cuda, bf16."""
+def run_case(kind: str, name: str, T: int, repeats: int, dev: str = "cuda") -> dict:
+    """Runs in the subprocess: one timed case on cuda, bf16 (``dev="cpu"``: a smoke check of the
+    non-flex cases, float32)."""
     import torch
     import torch.nn.functional as F
     from torch import nn
 
     from mlbtc_search import MatrixSpec, compile_matrix
     from mlbtc_search.attention import Attention
+    from mlbtc_search.attention_flex import compiled_flex, resolve_backend
     from mlbtc_search.attention_spec import AttentionSpec
 
     torch.manual_seed(0)
-    dev, dt = "cuda", torch.bfloat16
+    dt = torch.bfloat16 if dev == "cuda" else torch.float32
+    cuda = dev == "cuda"
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    backend = None
     if kind == "attention":
-        if name == "sdpa":
+        backend = resolve_backend(torch.empty(0, device=dev))
+        if name in ("sdpa", "flex_causal"):
+            if name == "flex_causal":
+                from torch.nn.attention.flex_attention import create_block_mask
+
+                mask = create_block_mask(lambda b, h, q, kv: kv <= q, None, None, T, T,
+                                         device=dev)
+                flex = compiled_flex()
+
+                def attend(q, k, v):
+                    return flex(q, k, v, block_mask=mask)
+            else:
+                def attend(q, k, v):
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
             class Plain(nn.Module):
                 def __init__(self) -> None:
                     super().__init__()
@@ -61,7 +93,7 @@ def run_case(kind: str, name: str, T: int, repeats: int) -> dict:
                 def forward(self, x):
                     B, T_, D = x.shape
                     q, k, v = self.qkv(x).view(B, T_, 3, HEADS, D // HEADS).permute(2, 0, 3, 1, 4)
-                    y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                    y = attend(q, k, v)
                     return self.out(y.transpose(1, 2).reshape(B, T_, D))
 
             module: nn.Module = Plain()
@@ -87,18 +119,27 @@ def run_case(kind: str, name: str, T: int, repeats: int) -> dict:
         x.grad = None
         module(x).float().square().mean().backward()
 
-    for _ in range(3):
+    t0 = time.perf_counter()
+    once()
+    sync()
+    first = time.perf_counter() - t0
+    for _ in range(2):
         once()
-    torch.cuda.synchronize()
+    sync()
+    if cuda:  # the peak of the timed steps, not of compiling and building block masks
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         once()
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - t0)
     ms = sorted(times)[len(times) // 2] * 1e3
-    out = {"ms": ms, "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9,
-           "device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    out = {"ms": ms, "first_call_s": round(first, 2),
+           "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else None,
+           "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}
+    if backend is not None:
+        out["backend"] = backend
     if flops is not None:
         out["tflops"] = flops / (ms / 1e3) / 1e12
     return out
@@ -142,7 +183,8 @@ def summary(results: dict[str, dict]) -> str:
                      f"BTT rank 1 {btt['tflops']:.1f} TFLOP/s = {ratio:.2f} of dense "
                      "(target >= 0.5)")
     device = next((r["device"] for r in results.values() if "device" in r), "unknown device")
-    lines.append(f"device: {device}")
+    backends = sorted({r["backend"] for r in results.values() if "backend" in r})
+    lines.append(f"device: {device}; attention backend: {', '.join(backends) or 'unknown'}")
     return "\n".join(lines)
 
 
@@ -150,14 +192,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path,
                     default=Path("benchmarks/results/device_attention.jsonl"))
-    ap.add_argument("--case-timeout", type=float, default=90.0)
+    ap.add_argument("--case-timeout", type=float, default=240.0,
+                    help="seconds per case, compilation included")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--summary-only", action="store_true")
     ap.add_argument("--case", nargs=3, metavar=("KIND", "NAME", "T"), help=argparse.SUPPRESS)
+    ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.case:
         kind, name, T = args.case
-        print(json.dumps(run_case(kind, name, int(T), args.repeats)))
+        print(json.dumps(run_case(kind, name, int(T), args.repeats, args.device)))
         return 0
     args.out.parent.mkdir(parents=True, exist_ok=True)
     done = load(args.out)

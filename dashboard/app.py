@@ -33,11 +33,12 @@ from mlbtc_search.errors import MlbtcError, UsageError
 from studies.record import json_safe
 from studies.storage import storage_label
 
-from . import architecture, data, figures, pages
+from . import architecture, data, figures, pages, scaling
 from .store import StudyEntry, TrialCache, find_study, list_studies, load_trial, open_reader
 
 log = logging.getLogger(__name__)
 _STUDY = re.compile(r"^/study/(?P<name>[^/]+)/?$")
+_SCALING = re.compile(r"^/study/(?P<name>[^/]+)/scaling/?$")
 _TRIAL = re.compile(r"^/study/(?P<name>[^/]+)/trial/(?P<number>[0-9]{1,9})/?$")
 
 
@@ -95,6 +96,9 @@ class Dashboard:
             m = _TRIAL.match(path)
             if m:
                 return self.trial_page(unquote(m["name"]), int(m["number"]))
+            m = _SCALING.match(path)
+            if m:
+                return self.scaling_page(unquote(m["name"]))
             m = _STUDY.match(path)
             if m:
                 return self.study_page(unquote(m["name"]))
@@ -108,13 +112,29 @@ class Dashboard:
         return pages.study_page(study.study_id, study.name,
                                 pages.study_subtitle(study.info, study.directions), names)
 
+    def scaling_page(self, name: str) -> Any:
+        """Loss against training FLOPs with the fitted scaling laws (multi-fidelity studies)."""
+        study = find_study(self.storage, name)
+        records, _ = self.views.cache.trials(study.study_id)
+        return scaling.scaling_page(study.name, *scaling.report_for(records))
+
     def study_data(self, study_id: int, families: list[str] | None,
-                   states: list[str] | None) -> dict[str, Any]:
+                   states: list[str] | None, color_by: str | None = None,
+                   size_by: str | None = None) -> dict[str, Any]:
         """Everything the study page's callback returns (figures, cards, table, version)."""
         view, version = self.views.get(study_id)
+        known = set(view.descriptors)
         return {
-            "front": figures.pareto_figure(view.rows, view.front).update_layout(
+            "front": figures.pareto_figure(
+                view.rows, view.front, color_by=color_by if color_by in known else None,
+                size_by=size_by if size_by in known else None).update_layout(
                 uirevision=f"front-{study_id}"),
+            "descriptors": [{"label": d.removeprefix(data.DESCRIPTOR_PREFIX), "value": d}
+                            for d in view.descriptors],
+            "importance_params": figures.importance_figure(
+                view.importances.get("params", {}), "sampled parameters"),
+            "importance_descriptors": figures.importance_figure(
+                view.importances.get("descriptors", {}), "structure descriptors"),
             "hv": figures.hypervolume_figure(view.hv_history, view.reference),
             "cards": pages.study_cards(view),
             "table": self.table(study_id, families, states),
@@ -229,25 +249,35 @@ def _register(app: dash.Dash, board: Dashboard) -> None:
     @app.callback(
         Output("front", "figure"), Output("hv", "figure"), Output("study-cards", "children"),
         Output("trials", "data"), Output("family-filter", "options"),
-        Output("study-version", "data"),
+        Output("study-version", "data"), Output("color-by", "options"),
+        Output("size-by", "options"), Output("importance-params", "figure"),
+        Output("importance-descriptors", "figure"),
         Input("tick", "n_intervals"), Input("family-filter", "value"),
-        Input("state-filter", "value"), State("study-version", "data"),
-        State("study-key", "data"))
+        Input("state-filter", "value"), Input("color-by", "value"), Input("size-by", "value"),
+        State("study-version", "data"), State("study-key", "data"))
     def update_study(_: int, families: list[str] | None, states: list[str] | None,
+                     color_by: str | None, size_by: str | None,
                      version: str | None, key: dict | None) -> Any:
         if not key:
             raise PreventUpdate
+        keep = (no_update,) * 4
         try:
             _, current = board.views.get(key["study_id"])
             if current == version:
                 if ctx.triggered_id == "tick":
                     raise PreventUpdate
+                if ctx.triggered_id in ("color-by", "size-by"):
+                    d = board.study_data(key["study_id"], families, states, color_by, size_by)
+                    return (d["front"], no_update, no_update, no_update, no_update,
+                            no_update) + keep
                 table = board.table(key["study_id"], families, states)
-                return no_update, no_update, no_update, table, no_update, no_update
-            d = board.study_data(key["study_id"], families, states)
+                return (no_update, no_update, no_update, table, no_update, no_update) + keep
+            d = board.study_data(key["study_id"], families, states, color_by, size_by)
         except UsageError:
             raise PreventUpdate from None
-        return d["front"], d["hv"], d["cards"], d["table"], d["families"], d["version"]
+        return (d["front"], d["hv"], d["cards"], d["table"], d["families"], d["version"],
+                d["descriptors"], d["descriptors"], d["importance_params"],
+                d["importance_descriptors"])
 
     @app.callback(Output("overlay", "figure"), Input("overlay-studies", "value"),
                   Input("study-version", "data"))

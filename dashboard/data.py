@@ -161,14 +161,43 @@ def architecture_line(family: str, desc: dict[str, Any], flops: Any, loss: Any) 
             f"{desc.get('mlp')} · {fmt_si(flops, 'FLOPs/tok')} · loss {fmt(loss)}")
 
 
+DESCRIPTOR_PREFIX = "d_"
+
+
+def descriptor_keys(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The numeric descriptor columns that vary over the rows (what the front can show)."""
+    values: dict[str, set] = {}
+    for r in rows:
+        for k, v in r.items():
+            if k.startswith(DESCRIPTOR_PREFIX) and finite(v) is not None:
+                values.setdefault(k, set()).add(v)
+    return sorted(k for k, vs in values.items() if len(vs) > 1)
+
+
+def importances(recs: Sequence[TrialRecord]) -> dict[str, dict[str, dict[str, float]]]:
+    """PED-ANOVA importances for loss and FLOPs of the sampled parameters and of the structure
+    descriptors, from the records alone (``studies.importance.descriptor_importances``)."""
+    from studies.importance import descriptor_importances
+
+    done = [r for r in recs if r.point is not None]
+    values = [r.point for r in done]
+    objectives = ["val_loss", "flops_per_token"]
+    return {"params": descriptor_importances(values, [r.sampled for r in done], objectives),
+            "descriptors": descriptor_importances(
+                values, [(r.descriptors or {}).get("summary", {}) for r in done], objectives)}
+
+
 def trial_row(rec: TrialRecord) -> dict[str, Any]:
     """The table row of one trial: :meth:`TrialRecord.row` plus the display columns."""
     row = rec.row()
     desc = describe_spec(rec.spec)
     row.update(width=desc["width"], depth=desc["depth"], heads=desc["heads"],
                attention=desc["attention"], mlp=desc["mlp"],
-               arch=architecture_line(row["family"], desc, rec.flops_per_token, rec.val_loss),
+               arch=architecture_line(row["structure"], desc, rec.flops_per_token,
+                                      rec.val_loss),
                on_front=False)
+    for key, value in (rec.descriptors or {}).get("summary", {}).items():
+        row[DESCRIPTOR_PREFIX + key] = value  # colour / size the front by these
     return row
 
 
@@ -184,6 +213,8 @@ class StudyView:
     summary: dict[str, Any]  # studies.pareto.study_summary
     last_update: dt.datetime | None
     families: list[str] = field(default_factory=list)
+    descriptors: list[str] = field(default_factory=list)  # keys of rows (DESCRIPTOR_PREFIX...)
+    importances: dict[str, Any] = field(default_factory=dict)  # see importances()
 
     @property
     def n_trials(self) -> int:
@@ -220,6 +251,7 @@ def study_view(recs: Sequence[TrialRecord], name: str = "", info: StudyInfo | No
         summary=_summary(name, info or StudyInfo(), recs),
         last_update=max(times) if times else None,
         families=sorted({r["family"] for r in rows}),
+        descriptors=descriptor_keys(rows), importances=importances(recs),
     )
 
 
@@ -289,4 +321,22 @@ def trial_metrics(rec: TrialRecord) -> list[tuple[str, str]]:
     ]
     if rec.duplicate_of is not None:
         items.append(("duplicate of trial", str(rec.duplicate_of)))
+    if rec.seed_results:
+        items.append(("seeds (loss each)", ", ".join(
+            f"{r.get('seed')}: {fmt(r.get('val_loss'), 4)}" for r in rec.seed_results)))
+        items.append(("loss spread over seeds (std)", fmt(rec.loss_std, 4)))
+    desc = rec.descriptors or {}
+    if desc:
+        items.append(("structure", desc.get("label") or rec.structure or NA))
+        for layer, lay in enumerate(desc.get("layers", [])):
+            for g, group in enumerate(lay.get("groups", [])):
+                levels = "; ".join(
+                    f"{'global' if lv.get('block_size') is None else lv['block_size']}: "
+                    f"{lv.get('family')} rank {lv.get('rank')} q.k {lv.get('qk_width')}"
+                    for lv in group.get("levels", []))
+                window = f", window {group['window']}" if group.get("window") else ""
+                items.append((f"layer {layer} group {g} ({group.get('heads')} heads{window})",
+                              levels))
+        for key, value in desc.get("summary", {}).items():
+            items.append((f"descriptor: {key.replace('_', ' ')}", fmt(value)))
     return items

@@ -87,11 +87,38 @@ def hover_text(row: dict[str, Any]) -> str:
     return text
 
 
+def _sizes(pts: Sequence[dict[str, Any]], key: str | None, lo: float, hi: float,
+           default: float) -> Any:
+    """Marker sizes 6..22 by ``key`` (linear over the values of all points), else ``default``."""
+    if not key:
+        return default
+    vals = [v for v in (_finite(p.get(key)) for p in pts) if v is not None]
+    span = hi - lo
+    return [6 + 16 * ((_finite(p.get(key)) or lo) - lo) / span if span > 0 else 12
+            for p in pts] if vals else default
+
+
+def _finite(v: Any) -> float | None:
+    ok = isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v)
+    return float(v) if ok else None
+
+
+def _error_y(pts: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """Error bars: the loss's standard deviation over seeds, when trials have several."""
+    stds = [_finite(p.get("loss_std")) or 0.0 for p in pts]
+    if not any(stds):
+        return None
+    return {"type": "data", "array": stds, "visible": True, "thickness": 1, "width": 3}
+
+
 def pareto_figure(rows: Sequence[dict[str, Any]], front: Sequence[int],
-                  title: str = "") -> go.Figure:
+                  title: str = "", color_by: str | None = None,
+                  size_by: str | None = None) -> go.Figure:
     """Loss against FLOPs/token (log x): the front joined by a step line, dominated points
     faded, and trials without a loss (infeasible, failed, ...) on a strip below at their FLOPs.
-    Colors are families; clicking a point gives its trial number in ``customdata``."""
+    Colors are families, or a numeric column ``color_by`` (a structure descriptor) on a color
+    scale; ``size_by`` sizes the points by another; error bars are the spread over seeds.
+    Clicking a point gives its trial number in ``customdata``."""
     on_front = set(front)
     scored = [r for r in rows if r["state"] == "complete" and r["val_loss"] is not None
               and r["flops_per_token"] is not None and r["flops_per_token"] > 0]
@@ -103,26 +130,40 @@ def pareto_figure(rows: Sequence[dict[str, Any]], front: Sequence[int],
     strip = bool(unscored)
     fig = make_subplots(rows=2 if strip else 1, cols=1, shared_xaxes=True,
                         row_heights=[0.84, 0.16] if strip else None, vertical_spacing=0.03)
-    families = sorted({r["family"] for r in scored})
-    for fam in families:
-        color = family_color(fam)
+    sized = [v for v in (_finite(r.get(size_by)) for r in scored) if v is not None] \
+        if size_by else []
+    lo, hi = (min(sized), max(sized)) if sized else (0.0, 0.0)
+    scale = [v for v in (_finite(r.get(color_by)) for r in scored) if v is not None] \
+        if color_by else []
+    groups = [(None, scored)] if scale else [
+        (fam, [r for r in scored if r["family"] == fam])
+        for fam in sorted({r["family"] for r in scored})]
+    for fam, members in groups:
         for role in ("front", "dominated"):
-            pts = [r for r in scored if r["family"] == fam and (r["number"] in on_front) ==
-                   (role == "front")]
+            pts = [r for r in members if (r["number"] in on_front) == (role == "front")]
             if not pts:
                 continue
-            first = role == "front" or not any(r["family"] == fam and r["number"] in on_front
-                                               for r in scored)
+            first = role == "front" or not any(r["number"] in on_front for r in members)
+            marker: dict[str, Any] = {
+                "size": _sizes(pts, size_by, lo, hi, 12 if role == "front" else 8),
+                "opacity": 1.0 if role == "front" else 0.5,
+                "line": {"width": 1.5 if role == "front" else 0, "color": "#222"}}
+            if fam is None:
+                marker.update(color=[_finite(r.get(color_by)) for r in pts],
+                              colorscale="Viridis", cmin=min(scale), cmax=max(scale),
+                              showscale=role == "front" or not any(
+                                  r["number"] in on_front for r in scored),
+                              colorbar={"title": {"text": esc(_label(color_by or ""))}})
+            else:
+                marker["color"] = family_color(fam)
+            name = esc(fam) if fam is not None else f"{role} (colour: {esc(_label(color_by))})"
             fig.add_trace(go.Scatter(
                 x=_col(pts, "flops_per_token"), y=_col(pts, "val_loss"),
-                mode="markers", name=esc(fam), legendgroup=esc(fam), showlegend=first,
+                error_y=_error_y(pts), mode="markers", name=name, legendgroup=name,
+                showlegend=first if fam is not None else True,
                 customdata=[r["number"] for r in pts],
                 hovertext=[hover_text(r) for r in pts], hoverinfo="text",
-                meta={"role": role, "family": fam},
-                marker={"color": color, "size": 12 if role == "front" else 8,
-                        "opacity": 1.0 if role == "front" else 0.5,
-                        "line": {"width": 1.5 if role == "front" else 0,
-                                 "color": "#222"}}), row=1, col=1)
+                meta={"role": role, "family": fam}, marker=marker), row=1, col=1)
     line = sorted((r for r in scored if r["number"] in on_front),
                   key=lambda r: (r["flops_per_token"], r["val_loss"]))
     if line:
@@ -148,6 +189,28 @@ def pareto_figure(rows: Sequence[dict[str, Any]], front: Sequence[int],
         fig.update_yaxes(row=2, col=1, type="category", showgrid=False, tickfont={"size": 11})
     return _layout(fig, esc(title), 560, clickmode="event", hovermode="closest",
                    legend={"title": {"text": "family"}, "itemclick": "toggle"})
+
+
+def _label(key: str | None) -> str:
+    return (key or "").removeprefix("d_").replace("_", " ")
+
+
+def importance_figure(imp: dict[str, dict[str, float]], title: str, top: int = 10
+                      ) -> go.Figure:
+    """PED-ANOVA importances (``studies.importance``): one bar chart per objective."""
+    if not imp:
+        return empty_figure("Importances appear once a few trials have completed.", title, 300)
+    names = list(imp)
+    fig = make_subplots(rows=1, cols=len(names), subplot_titles=[esc(n) for n in names],
+                        horizontal_spacing=0.25)
+    for i, name in enumerate(names, 1):
+        ranked = sorted(imp[name].items(), key=lambda kv: kv[1])[-top:]
+        fig.add_trace(go.Bar(x=[v for _, v in ranked], y=[esc(_label(k)) for k, _ in ranked],
+                             orientation="h", marker={"color": "#0072B2"}, showlegend=False,
+                             meta={"role": "importance", "objective": name},
+                             hovertemplate="%{y}: %{x:.3f}<extra></extra>"), row=1, col=i)
+        fig.update_xaxes(title_text="importance", range=[0, 1], row=1, col=i)
+    return _layout(fig, esc(title), 60 + 28 * min(top, max(len(v) for v in imp.values())) + 80)
 
 
 def hypervolume_figure(history: Sequence[tuple[int, float]], reference: Point | None,

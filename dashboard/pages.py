@@ -214,11 +214,24 @@ def study_page(study_id: int, name: str, subtitle: str,
         crumbs(("Studies", "/"), (name, None)),
         html.H1(name, className="study-name"),
         html.P(subtitle, className="lead"),
+        html.P(html.A("Scaling laws (multi-fidelity studies)",
+                      href=study_path(name) + "/scaling"), className="note"),
         html.Div(id="study-cards", className="cards"),
-        _section("Pareto front", dcc.Graph(id="front", config=GRAPH_CONFIG),
+        _section("Pareto front", html.Div([
+            dcc.Dropdown(id="color-by", placeholder="colour: family", className="filter"),
+            dcc.Dropdown(id="size-by", placeholder="size: none", className="filter"),
+        ], className="filters"), dcc.Graph(id="front", config=GRAPH_CONFIG),
                  note="Each point is a trained architecture; the dotted step line joins the "
                       "non-dominated ones. Faded points are dominated; trials without a loss "
-                      "sit on the strip below at their FLOPs. Click a point to open its trial."),
+                      "sit on the strip below at their FLOPs. Click a point to open its trial. "
+                      "Colour and size can show a structure descriptor; error bars are the "
+                      "spread over seeds."),
+        _section("Importances", dcc.Graph(id="importance-params", config=GRAPH_CONFIG),
+                 dcc.Graph(id="importance-descriptors", config=GRAPH_CONFIG),
+                 note="PED-ANOVA (Optuna) for validation loss and for FLOPs: which sampled "
+                      "parameters, and which structure descriptors, separate the best 10% of "
+                      "trials from the rest. It keeps conditional parameters (fANOVA drops "
+                      "them)."),
         _section("Hypervolume", dcc.Graph(id="hv", config=GRAPH_CONFIG),
                  note="Area dominated by the front in (validation loss, log10 FLOPs/token), "
                       "from a fixed reference point 10% beyond the worst complete trial."),

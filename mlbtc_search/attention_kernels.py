@@ -26,8 +26,11 @@ Which path runs when, and why:
 - causal masks: a fused call skips masked tiles and is charged the allowed pairs; the unfused
   path computes a masked block whole, so its causal blocks are cut down to
   ``CAUSAL_FINEST_BLOCK`` (64) by virtual halving levels: every structure pays about T^2/2.
-- off CPU every rectangle takes the unfused path (no fused GPU region kernel yet; the costs in
-  ``attention_regions`` are the CPU kernels' exact counts).
+- on CUDA (by default; ``backend``/``MLBTC_ATTENTION_BACKEND`` select): not this kernel but
+  ``attention_flex``, one compiled FlexAttention call per score width with a block mask, merged
+  by log-sum-exp (fused Triton kernels, differentiable LSE, so autograd is exact). With
+  ``backend="regions"`` off CPU every rectangle here takes the unfused path. The costs in
+  ``attention_regions`` are the CPU kernels' exact counts, charged on every device.
 """
 
 from __future__ import annotations
@@ -39,6 +42,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .attention_flex import (
+    flex_multilevel_attention,
+    flex_runs,
+    flex_window_attention,
+    flex_window_runs,
+    resolve_backend,
+)
 from .attention_regions import (
     CAUSAL_FINEST_BLOCK,
     KernelCost,
@@ -282,6 +292,7 @@ def multilevel_attention(
     block_sizes: Sequence[int | None],
     causal: bool = True,
     mean: bool = False,
+    backend: str | None = None,
 ) -> Tensor:
     """Multi-level attention: q, k (B, H, T, W), W = sum(widths), v (B, H, T, Dv) -> (B, H, T, Dv).
 
@@ -290,14 +301,20 @@ def multilevel_attention(
     T need not be a multiple of the block sizes (the last block is partial); a width may be 0.
 
     Plain attention (all levels global, W == Dv) is one fused ``F.scaled_dot_product_attention``
-    call. Everything else runs the region kernel, on any device (off CPU every rectangle takes
-    the unfused path: no T x T buffer, but no fused GPU kernel yet). ``multilevel_attention_cost``
-    gives the exact FLOPs of the CPU kernels.
+    call. Everything else runs, by ``backend`` (``attention_flex.resolve_backend``: on CUDA
+    ``flex``, else ``regions``), one compiled FlexAttention call per score width merged by
+    log-sum-exp, or the region kernel. ``multilevel_attention_cost`` gives the exact FLOPs of
+    the CPU kernels (the analytic plan, charged on every device).
     """
     check_levels(widths, block_sizes)
     _check_qkv(q, k, v, sum(widths))
     T = q.shape[2]
     mean = mean and sum(w > 0 for w in widths) > 1  # one level: the mean is the sum
+    if not (not mean and plain_sdpa(T, widths, block_sizes, v.shape[-1])) and \
+            resolve_backend(q, backend) == "flex" and flex_runs(T, widths, block_sizes, mean):
+        (q, k, v), dtype_guard = _one_dtype(q, k, v)  # flex needs one dtype (autocast mixes)
+        with dtype_guard:
+            return flex_multilevel_attention(q, k, v, widths, block_sizes, causal, mean)
     widths, block_sizes = kernel_levels(T, widths, block_sizes, causal, v.shape[-1])
     if not mean and plain_sdpa(T, widths, block_sizes, v.shape[-1]):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=1.0)
@@ -374,13 +391,16 @@ def _one_dtype(*ts: Tensor) -> tuple[tuple[Tensor, ...], contextlib.AbstractCont
     return tuple(t.to(dtype) for t in ts), guard
 
 
-def window_attention(q: Tensor, k: Tensor, v: Tensor, window: int, causal: bool = True) -> Tensor:
+def window_attention(
+    q: Tensor, k: Tensor, v: Tensor, window: int, causal: bool = True, backend: str | None = None
+) -> Tensor:
     """Sliding-window attention: query t sees keys t - window < t' <= t (|t - t'| < window if not
     causal). q, k (B, H, T, W), v (B, H, T, Dv) -> (B, H, T, Dv); the scale is folded into q.
 
     Queries run in chunks of ``window`` rows, each against the ``2 * window`` keys around it
     (``3 * window`` if not causal) with an additive band mask, as one ``_attend`` call at widths
-    W (scores) and Dv (values).
+    W (scores) and Dv (values). With the ``flex`` backend (default on CUDA): one FlexAttention
+    call with a band block mask.
     """
     _check_qkv(q, k, v)
     if not isinstance(window, int) or window < 1:
@@ -388,6 +408,10 @@ def window_attention(q: Tensor, k: Tensor, v: Tensor, window: int, causal: bool 
     B, H, T, W = q.shape
     dv = v.shape[-1]
     window = min(window, T)  # a longer window sees the same keys
+    if resolve_backend(q, backend) == "flex" and flex_window_runs(W):
+        (q, k, v), dtype_guard = _one_dtype(q, k, v)  # flex needs one dtype (autocast mixes)
+        with dtype_guard:
+            return flex_window_attention(q, k, v, window, causal)
     nc, kw = window_geometry(T, window, causal)
     pad_t = nc * window - T
     after = pad_t + (0 if causal else window)

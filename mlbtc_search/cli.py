@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
                                 parser_class=_Parser)
     command = functools.partial(sub.add_parser, parents=[verbose])
-    for add in (_inspect, _train, _search, _studies, _pareto, _export, _dashboard):
+    for add in (_inspect, _train, _search, _studies, _pareto, _importance, _export, _scaling,
+                _dashboard):
         add(command)
     return parser
 
@@ -160,6 +161,11 @@ def _search(command: Callable[..., argparse.ArgumentParser]) -> None:
     _storage(p)
     p.add_argument("--trials", type=_count, help="number of trials (default: from the file)")
     p.add_argument("--name", help="study name (default: from the file)")
+    p.add_argument("--budget", type=_positive_float,
+                   help="training FLOPs per trial, e.g. 2e10 for a smoke run (default: from "
+                        "the file)")
+    p.add_argument("--seeds", type=_count, help="seeds per architecture; the loss objective is "
+                                                "their mean (default: from the file, else 1)")
     p.set_defaults(run=_lazy("studies.cli:search"))
 
 
@@ -178,6 +184,16 @@ def _pareto(command: Callable[..., argparse.ArgumentParser]) -> None:
     p.set_defaults(run=_lazy("studies.cli:pareto"))
 
 
+def _importance(command: Callable[..., argparse.ArgumentParser]) -> None:
+    p = command("importance", help="which parameters and structure descriptors matter, for "
+                                   "loss and for FLOPs (PED-ANOVA)")
+    p.add_argument("study", help="study name")
+    _storage(p)
+    p.add_argument("--top", type=_count, default=10, help="rows per objective (default 10)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=_lazy("studies.cli:importance"))
+
+
 def _export(command: Callable[..., argparse.ArgumentParser]) -> None:
     p = command("export", help="export a trial's architecture and weights to a directory")
     p.add_argument("study", help="study name")
@@ -189,6 +205,16 @@ def _export(command: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--format", choices=["safetensors", "exported-program", "onnx"],
                    default="safetensors", help="extra model format besides safetensors")
     p.set_defaults(run=_lazy("studies.cli:export"))
+
+
+def _scaling(command: Callable[..., argparse.ArgumentParser]) -> None:
+    p = command("scaling", help="scaling laws L(C) = E + A C^-alpha of a multi-fidelity study")
+    p.add_argument("study", help="study name")
+    _storage(p)
+    p.add_argument("--at", type=_positive_float, metavar="FLOPS",
+                   help="training budget to predict at (default: 10 x the largest budget)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(run=_lazy("studies.scaling_cli:scaling"))
 
 
 def _dashboard(command: Callable[..., argparse.ArgumentParser]) -> None:

@@ -29,7 +29,8 @@ def search(args: argparse.Namespace) -> int:
     from .runner import run_search
     from .space import load_space
 
-    overrides = {key: getattr(args, key, None) for key in ("trials", "workers", "storage", "name")}
+    overrides = {key: getattr(args, key, None)
+                 for key in ("trials", "workers", "storage", "name", "budget", "seeds")}
     space = load_space(args.space, overrides).prepare()  # checked before the storage opens
     progress = Progress()
     outcome = run_search(space, address=getattr(args, "address", None), progress=progress)
@@ -47,8 +48,27 @@ def search(args: argparse.Namespace) -> int:
         artifact_dir=str(outcome.artifact_dir), snapshot=outcome.snapshot,
         front=[r.row() for r in outcome.front], interrupted=outcome.interrupted, note=note,
         default_storage=space.storage is None) + "\n")
+    if outcome.snapshot.ok:
+        from .storage import load_study, open_storage
+
+        study = load_study(open_storage(outcome.storage_url, create=False), outcome.study_name)
+        sys.stdout.write(_answer(study, outcome.storage_url) + "\n")
     sys.stdout.flush()
     return EXIT_INTERRUPTED if outcome.interrupted else 0
+
+
+def _answer(study: Any, url: str, recs: Any = None) -> str:
+    """The per-family table, the front, the sentence; writes the PNG (see studies.answer)."""
+    from .answer import entries, format_answer, plot_front, png_path
+    from .storage import load_records, study_info
+
+    ents = entries(recs if recs is not None else load_records(study))
+    png = None
+    if ents:
+        where = png_path(url, study.study_name, study_info(study).artifact_dir)
+        png = plot_front(ents, where,
+                         title=f"{study.study_name}: loss against FLOPs per token")
+    return format_answer(ents, png)
 
 
 STUDY_COLUMNS = (("study", "name", ""), ("task", "task", ""), ("trials", "trials", ""),
@@ -97,6 +117,31 @@ def pareto(args: argparse.Namespace) -> int:
                      f"completed trials; hypervolume {hv_text} (val_loss x log10 FLOPs/token)\n")
     if best:
         sys.stdout.write(format_table([r.row() for r in best], FRONT_COLUMNS) + "\n")
+        sys.stdout.write(_answer(study, storage.url, recs) + "\n")
+    return 0
+
+
+def importance(args: argparse.Namespace) -> int:
+    """PED-ANOVA importances of the parameters and of the structure descriptors, per objective
+    (``--json``: ``{"params": {objective: {name: value}}, "descriptors": {...}}``)."""
+    from .importance import descriptor_importances, format_importances, param_importances
+    from .storage import load_records, load_study, open_storage, study_info
+
+    storage = open_storage(getattr(args, "storage", None), create=False)
+    study = load_study(storage, args.study)
+    objectives = list(study_info(study).objectives)
+    params = param_importances(study, objectives)
+    done = [r for r in load_records(study) if r.state == "complete" and r.values
+            and r.descriptors.get("summary")]
+    descs = descriptor_importances([r.values for r in done],
+                                   [r.descriptors["summary"] for r in done], objectives)
+    if getattr(args, "json", False):
+        _write_json({"params": params, "descriptors": descs})
+        return 0
+    top = getattr(args, "top", None) or 10
+    sys.stdout.write(format_importances(params, top) + "\n")
+    sys.stdout.write(format_importances(descs, top, "Structure descriptor importances "
+                                                     "(PED-ANOVA)") + "\n")
     return 0
 
 
@@ -107,4 +152,4 @@ def export(args: argparse.Namespace) -> int:
     return run(args)
 
 
-__all__ = ["export", "pareto", "search", "studies"]
+__all__ = ["export", "importance", "pareto", "search", "studies"]

@@ -124,7 +124,8 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, st
 
 
 FRONT_COLUMNS = (("trial", "number", ""), ("family", "family", ""),
-                 ("val_loss", "val_loss", ".4g"), ("metric", "metric", ".4g"),
+                 ("structure", "structure", ""), ("val_loss", "val_loss", ".4g"),
+                 ("metric", "metric", ".4g"),
                  ("FLOPs/token", "flops_per_token", ",.0f"), ("params", "params", ","),
                  ("hash", "hash", ""))
 

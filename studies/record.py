@@ -22,6 +22,10 @@ Trial states (:attr:`TrialRecord.state`): ``complete``, ``running``, ``waiting``
 (an error, NaN, divergence, a dead worker or driver), ``interrupted`` (Ctrl-C: re-queued, says
 nothing about the architecture), ``infeasible`` and ``duplicate`` (never trained), ``pruned``.
 
+Structure (issue 11): ``structure`` (the family label of ``studies.descriptors``),
+``descriptors`` (``describe``: per layer and head group, with a flat ``summary``), ``seeds``,
+``loss_std`` and ``seed_results`` (with ``seeds: k``, ``val_loss`` is the mean over the seeds).
+
 Adding a field (per-trial structure descriptors, per-seed results, budget rungs): add it to
 :class:`TrialRecord` with a default; its attr has the field's name; a dict or list is encoded
 by :func:`encode_attr` and decoded by :func:`decode_attr` without further code. Nothing here
@@ -157,6 +161,11 @@ class TrialRecord:
     metric: float | None = None
     metric_name: str | None = None
     family: str | None = None
+    structure: str | None = None  # descriptors' family label (the per-family table's family)
+    descriptors: dict[str, Any] = field(default_factory=dict)  # studies.descriptors.describe
+    seeds: int | None = None  # seeds per architecture; val_loss is their mean
+    loss_std: float | None = None  # standard deviation of val_loss over the seeds
+    seed_results: list[dict[str, Any]] | None = None  # {seed, status, val_loss, ...} per seed
     hash: str | None = None
     spec: dict[str, Any] | None = None
     train: dict[str, Any] = field(default_factory=dict)
@@ -177,6 +186,10 @@ class TrialRecord:
     weights_artifact_id: str | None = None
     curve_artifact_id: str | None = None
     curve: list[dict[str, Any]] | None = None  # a lazy attr: None when not read
+    rungs: list[dict[str, Any]] | None = None  # multi-fidelity: one entry per finished rung,
+    rung: int | None = None  # the highest good rung, the trial's compute over all rungs,
+    spent_flops: float | None = None  # and the confirmation seeds (docs/scaling.md)
+    confirm: dict[str, Any] | None = None
     node: str | None = None
     host: str | None = None
     pid: int | None = None
@@ -216,7 +229,11 @@ class TrialRecord:
             params=_int(ua.get("params")),
             kv_cache_bytes_per_token=_num(ua.get("kv_cache_bytes_per_token")),
             metric=_num(ua.get("metric")), metric_name=_str(ua.get("metric_name")),
-            family=_str(ua.get("family")), hash=_str(ua.get("hash")),
+            family=_str(ua.get("family")), structure=_str(ua.get("structure")),
+            descriptors=_dict(ua.get("descriptors")), seeds=_int(ua.get("seeds")),
+            loss_std=_num(ua.get("loss_std")),
+            seed_results=ua["seed_results"] if isinstance(ua.get("seed_results"), list)
+            else None, hash=_str(ua.get("hash")),
             spec=ua["spec"] if isinstance(ua.get("spec"), dict) else None,
             train=_dict(ua.get("train")), seed=_int(ua.get("seed")),
             budget_flops=_num(ua.get("budget_flops")), steps=_int(ua.get("steps")),
@@ -229,6 +246,9 @@ class TrialRecord:
             weights_artifact_id=_str(ua.get("weights_artifact_id")),
             curve_artifact_id=_str(ua.get("curve_artifact_id")),
             curve=ua["curve"] if isinstance(ua.get("curve"), list) else None,
+            rungs=ua["rungs"] if isinstance(ua.get("rungs"), list) else None,
+            rung=_int(ua.get("rung")), spent_flops=_num(ua.get("spent_flops")),
+            confirm=ua["confirm"] if isinstance(ua.get("confirm"), dict) else None,
             node=_str(ua.get("node")), host=_str(ua.get("host")), pid=_int(ua.get("pid")),
             sampled=dict(sampled or {}), started=started, completed=completed,
             trial_id=trial_id,
@@ -267,6 +287,8 @@ class TrialRecord:
         """
         return json_safe({
             "number": self.number, "state": self.state, "family": self.family or "unknown",
+            "structure": self.structure or self.family or "unknown",
+            "loss_std": self.loss_std, "seeds": self.seeds or 1,
             "val_loss": self.val_loss, "flops_per_token": self.flops_per_token,
             "params": self.params, "metric": self.metric, "metric_name": self.metric_name or "",
             "kv_cache_bytes_per_token": self.kv_cache_bytes_per_token, "hash": self.hash,

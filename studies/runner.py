@@ -221,7 +221,10 @@ def run_search(space: SearchSpace, storage_url: str | None = None, address: str 
             if not complete and not stop.requested:
                 started_ray = connect_ray(space, address)
                 _check_gpus(space)
-            run = _Run(space, url, progress, stop)
+            kind: type[_Run] = _Run
+            if space.rungs is not None:  # budgets: [...] (docs/scaling.md)
+                from .multifidelity import MultiFidelityRun as kind
+            run = kind(space, url, progress, stop)
             run.announce(done_before)
             if not complete:
                 run.loop()

@@ -28,6 +28,7 @@ from typing import Any
 import optuna
 
 from mlbtc_search.errors import PathPart, SpecError
+from studies.structures.leaf import is_structure, parse_structure, sample_structure
 
 MARKERS = ("choice", "int", "float", "fixed")
 MODIFIERS = ("when", "log", "step")
@@ -116,6 +117,8 @@ class Leaf:
         return param, param
 
     def contains(self, value: Any) -> bool:
+        if self.kind == "structure":
+            return False  # a sampled structure is not a value to match or to give
         if self.kind == "fixed":
             return _same(value, self.value)
         if self.kind == "choice":
@@ -141,6 +144,8 @@ class Leaf:
         return float(value) if self.kind == "float" else value
 
     def describe(self) -> str:
+        if self.kind == "structure":
+            return f"structure {self.value.to_dict()['structure']} (its own parameters)"
         if self.kind == "fixed":
             return f"fixed {self.value!r}"
         if self.kind == "choice":
@@ -258,6 +263,9 @@ def _parse_node(raw: Any, src: Path) -> Node:
                 raise SpecError("per_layer must be a mapping (one layer's attention spec)",
                                 src + (PER_LAYER,))
             return PerLayer(_parse_node(body, src + (PER_LAYER,)), src)
+        if is_structure(raw):  # {structure: matrix | attention, ...}: studies.structures
+            when = _parse_when(raw["when"], src + ("when",)) if "when" in raw else ()
+            return Leaf("structure", src, value=parse_structure(raw, src), when=when)
         if _is_leaf_mapping(raw):
             return _parse_leaf(raw, src)
         return _parse_mapping(raw, src)
@@ -420,6 +428,7 @@ class Walk:
 
     root: Tree
     trial: Any
+    seq_len: int = 0  # the task's, for structure leaves (sequence levels)
     params: dict[str, Any] = field(default_factory=dict)
     _memo: dict[Path, Any] = field(default_factory=dict)
 
@@ -459,7 +468,12 @@ class Walk:
             got = self.value(ref.target(parent))
             if got is ABSENT or not any(_same(got, a) for a in allowed):
                 return ABSENT
-        if node.is_param:
+        if node.kind == "structure":
+            ratio = self.value(("mlp_ratio",))
+            value = sample_structure(self.trial, param_name(path), node.value, self.params,
+                                     self.value(("width",)), self.seq_len,
+                                     4 if ratio is ABSENT else ratio)
+        elif node.is_param:
             value, param = node.suggest(self.trial, param_name(path))
             self.params[param_name(path)] = param
         else:

@@ -18,14 +18,16 @@ from mlbtc_search.checks import check_int
 from mlbtc_search.errors import SpecError, UsageError
 
 TOP_KEYS = ("name", "task", "budget", "objectives", "sampler", "trials", "workers",
-            "resources", "storage", "seed", "train", "constraints", "baselines", "space")
-REQUIRED = ("task", "budget", "space")
+            "resources", "storage", "seed", "seeds", "train", "constraints", "baselines",
+            "space", "budgets", "promote", "confirm")
+REQUIRED = ("task", "space")  # and budget, or budgets (studies.rungs.fidelity_settings)
 DEFAULTS: dict[str, Any] = {
     "objectives": ["val_loss", "flops_per_token"], "sampler": {"name": "tpe"}, "trials": 20,
     "workers": 1, "resources": {"cpus": 1.0, "gpus": 0.0}, "storage": None, "seed": 0,
-    "train": {}, "constraints": {}, "baselines": [],
+    "seeds": 1, "train": {}, "constraints": {}, "baselines": [], "budget": None,
+    "budgets": None, "promote": None, "confirm": None,
 }
-OVERRIDES = ("trials", "workers", "storage", "name")
+OVERRIDES = ("trials", "workers", "storage", "name", "budget", "seeds")
 OBJECTIVES = ("val_loss", "flops_per_token", "params", "kv_cache_bytes", "latency")
 SAMPLER_OPTIONS = {
     "tpe": ("n_startup_trials", "n_ei_candidates", "multivariate", "group", "constant_liar",
@@ -78,20 +80,32 @@ def resolve_settings(data: Any, overrides: Mapping[str, Any] | None,
 def normalize(s: Mapping[str, Any]) -> dict[str, Any]:
     """Check every setting except ``space`` and ``baselines`` (they need the compiled tree) and
     return them in canonical form; idempotent."""
+    from .rungs import fidelity_settings
+
     seed = check_int(s["seed"], ("seed",), "seed", 0)
     resources, train = _resources(s["resources"]), _train(s["train"])
     if str(train.get("device", "")).startswith("cuda") and resources["gpus"] == 0:
         raise SpecError(f"train.device {train['device']!r} needs resources.gpus > 0 (Ray hides "
                         "the GPUs from trials that reserve none), e.g. resources: {gpus: 0.25}",
                         ("train", "device"))
+    budget, rungs, confirm = fidelity_settings(s["budget_flops"], s.get("budgets"),
+                                               s.get("promote"), s.get("confirm"))
+    seeds = check_int(s["seeds"], ("seeds",), "seeds")
+    if rungs is not None and seeds > 1:
+        raise SpecError("seeds > 1 is not supported with budgets (rungs): a multi-fidelity "
+                        "search retrains its final front with confirm: {seeds: N}", ("seeds",))
     return {
         "name": _name(s["name"]), "task": _task(s["task"]),
-        "budget_flops": _positive(s["budget_flops"], ("budget",), "budget"),
+        "budget_flops": _positive(budget, ("budget",), "budget"),
+        "budgets": None if rungs is None else rungs.budgets,
+        "promote": None if rungs is None else {"eta": rungs.eta},
+        "confirm": None if rungs is None else {"seeds": confirm},
         "objectives": _objectives(s["objectives"]), "sampler": _sampler(s["sampler"], seed),
         "trials": check_int(s["trials"], ("trials",), "trials"),
         "workers": check_int(s["workers"], ("workers",), "workers"),
         "resources": resources, "storage": _storage(s["storage"]),
-        "seed": seed, "train": train, "constraints": _constraints(s["constraints"]),
+        "seed": seed, "seeds": seeds,
+        "train": train, "constraints": _constraints(s["constraints"]),
     }
 
 
@@ -109,7 +123,10 @@ def _check_overrides(overrides: Mapping[str, Any]) -> dict:
         if value is None:
             continue
         flag = "--" + key
-        if key in ("trials", "workers"):
+        if key == "budget" and (isinstance(value, bool) or not isinstance(value, int | float)
+                                or not 0 < value < float("inf")):
+            raise UsageError(f"{flag} must be a positive number of FLOPs, got {value!r}")
+        if key in ("trials", "workers", "seeds"):
             try:
                 check_int(value, (), flag)
             except SpecError as err:

@@ -51,6 +51,7 @@ from mlbtc_search.model import (
 )
 from mlbtc_search.yamlio import Located, load_yaml
 
+from .rungs import DEFAULT_ETA, RungSchedule
 from .sampling import (
     Leaf,
     Node,
@@ -108,12 +109,16 @@ class SearchSpace:
     resources: dict
     storage: str | None
     seed: int
+    seeds: int  # every architecture trains with seeds seed, seed + 1, ...; objective = mean
     train: dict
     constraints: dict
     baselines: tuple[dict, ...]
     space: dict  # the ``space:`` tree as written (dotted keys allowed)
     source: str = "<dict>"
     located: Located | None = field(default=None, repr=False, compare=False)  # for file:line
+    budgets: tuple[float, ...] | None = None  # rungs of a multi-fidelity search, with
+    promote: dict | None = None  # {eta}, and
+    confirm: dict | None = None  # {seeds} (docs/scaling.md)
 
     def __post_init__(self) -> None:
         settings = {k: getattr(self, k) for k in _SETTINGS}
@@ -154,11 +159,26 @@ class SearchSpace:
             "name": self.name, "task": copy.deepcopy(self.task), "budget": self.budget_flops,
             "objectives": list(self.objectives), "sampler": dict(self.sampler),
             "trials": self.trials, "workers": self.workers, "resources": dict(self.resources),
-            "storage": mask(self.storage), "seed": self.seed, "train": dict(self.train),
+            "storage": mask(self.storage), "seed": self.seed, "seeds": self.seeds,
+            "train": dict(self.train),
             "constraints": dict(self.constraints),
             "baselines": [copy.deepcopy(b) for b in self.baselines],
             "space": expand(copy.deepcopy(self.space)),
+            **({"budgets": list(self.budgets), "promote": dict(self.promote or {}),
+                "confirm": dict(self.confirm or {})} if self.budgets else {}),
         }
+
+    @property
+    def rungs(self) -> RungSchedule | None:
+        """The budget rungs of a multi-fidelity search (None for one budget)."""
+        if self.budgets is None:
+            return None
+        return RungSchedule(self.budgets, (self.promote or {}).get("eta", DEFAULT_ETA))
+
+    @property
+    def confirm_seeds(self) -> int:
+        """Seeds the final front is trained with at the top rung (1: no confirmation)."""
+        return int((self.confirm or {}).get("seeds", 1))
 
     def hash(self) -> str:
         """Hash of the ``space:`` tree only: equal hashes, equal Optuna param distributions."""
@@ -182,7 +202,8 @@ class SearchSpace:
 
 
 _SETTINGS = ("name", "task", "budget_flops", "objectives", "sampler", "trials", "workers",
-             "resources", "storage", "seed", "train", "constraints")
+             "resources", "storage", "seed", "seeds", "train", "constraints", "budgets",
+             "promote", "confirm")
 
 
 @dataclass(frozen=True)
@@ -222,7 +243,7 @@ class PreparedSpace:
 
         Never raises for an invalid or over-constraint architecture: the Candidate says so.
         """
-        walk = Walk(self.space.tree, trial)
+        walk = Walk(self.space.tree, trial, self.seq_len)
         return self._candidate(walk.build(), walk.params)
 
     # ---- candidates ----------------------------------------------------------------------
@@ -272,7 +293,7 @@ class PreparedSpace:
         last: SpecError | None = None
         valid: list[tuple[dict, Candidate]] = []
         for _ in range(DRY_SAMPLES):
-            walk = Walk(self.space.tree, study.ask())
+            walk = Walk(self.space.tree, study.ask(), self.seq_len)
             built = walk.build()
             c = self._candidate(built, walk.params, costs=False)
             if c.spec is None:
@@ -296,7 +317,7 @@ class PreparedSpace:
     def _check_baseline(self, baseline: dict, doc: Path) -> None:
         """A full assignment must be used and give a feasible architecture."""
         replay = ReplayTrial(self.space.fixed_params(baseline))
-        walk = Walk(self.space.tree, replay)
+        walk = Walk(self.space.tree, replay, self.seq_len)
         built = walk.build()
         if replay.missing:
             return

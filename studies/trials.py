@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import statistics
 import tempfile
 import time
 import warnings
@@ -222,7 +223,8 @@ class Recorder:
 
     def reap_stale(self) -> list[int]:
         """Fail the trials a killed driver left RUNNING; re-enqueue each once."""
-        stale = [t for t in self._trials if t.state == TrialState.RUNNING]
+        stale = [t for t in self._trials if t.state == TrialState.RUNNING
+                 and "rungs" not in t.user_attrs]  # multi-fidelity trials resume instead
         study_id = self.storage.get_study_id_from_name(self.study.study_name)
         for t in stale:
             retry = t.user_attrs.get("retry_of") is None
@@ -256,7 +258,8 @@ class Recorder:
                 trial = self.study.ask()
                 cand = self.space.sample(trial)
             retry_of = trial.user_attrs.get("retry_of")
-            base = {"seed": self.space.seed, "budget_flops": self.space.budget_flops,
+            base = {"seed": self.space.seed, "seeds": self.space.seeds,
+                    "budget_flops": self.space.budget_flops,
                     "code_version": self.version, "train": cand.train}
             if cand.spec is None or not cand.feasible:
                 self._reject(trial, {**base, **_costs(cand), "status": "infeasible",
@@ -316,7 +319,8 @@ class Recorder:
         assert p.candidate.spec is not None
         return {
             "trial": p.trial.number, "spec": p.candidate.spec.to_dict(), "task": self.space.task,
-            "budget_flops": self.space.budget_flops, "seed": self.space.seed, "train": train,
+            "budget_flops": self.space.budget_flops, "seed": self.space.seed,
+            "seeds": self.space.seeds, "train": train,
             "threads": int(train.get("threads") or max(1, int(cpus))), "gpus": gpus,
             "objectives": list(self.space.objectives),
         }
@@ -343,12 +347,21 @@ class Recorder:
         for key in ("latency_s", "cpu_s", "gpu"):
             if key in out:
                 attrs[key] = out[key]
-        loss = res.get("val_loss")
-        if res["status"] != "ok" or loss is None or not math.isfinite(loss):
-            reason = res.get("reason") or f"training ended with status {res['status']}"
-            if res["status"] == "interrupted":
+        seeds = out.get("seed_results") or [res]
+        bad = next((r for r in seeds if r["status"] != "ok" or r.get("val_loss") is None
+                    or not math.isfinite(r["val_loss"])), None)
+        if bad is not None:
+            reason = bad.get("reason") or f"training ended with status {bad['status']}"
+            if bad["status"] == "interrupted":
                 reason = INTERRUPTED_REASON
+            elif len(seeds) > 1:
+                reason = f"seed {bad['seed']}: {reason}"
             return self.fail(p, reason, retry=False, attrs=attrs)
+        if len(seeds) > 1:  # the objective is the mean over seeds; the spread is recorded
+            res = {**res, **seed_summary(seeds)}
+            attrs.update(val_loss=res["val_loss"], metric=res["metric"],
+                         loss_std=res["loss_std"], seed_results=seeds,
+                         duration_s=res["seconds"])
         values = self._values(p.candidate, res, out)
         attrs["weights_artifact_id"] = self._upload(
             p.trial, out["weights"], "safetensors", "application/octet-stream")
@@ -434,8 +447,22 @@ def _costs(cand: Candidate) -> dict[str, Any]:
 
 
 def _describe(cand: Candidate) -> dict[str, Any]:
+    """Costs, the structure label (the per-family table's family) and the descriptors."""
+    from .descriptors import describe
+
     assert cand.spec is not None
-    return _costs(cand)
+    desc = describe(cand.spec)
+    return {**_costs(cand), "structure": desc["family"], "descriptors": desc}
+
+
+def seed_summary(seeds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean loss and metric over seeds, the loss's standard deviation (n - 1), total seconds."""
+    losses = [float(r["val_loss"]) for r in seeds]
+    metrics = [float(r["metric"]) for r in seeds if r.get("metric") is not None]
+    return {"val_loss": statistics.fmean(losses),
+            "loss_std": statistics.stdev(losses) if len(losses) > 1 else 0.0,
+            "metric": statistics.fmean(metrics) if metrics else None,
+            "seconds": sum(float(r.get("seconds") or 0.0) for r in seeds)}
 
 
 def curve_jsonl(curve: Any) -> bytes:

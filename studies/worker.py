@@ -5,13 +5,15 @@
 storage (the driver is its only writer). Errors inside training come back as
 ``{"error": "..."}``; only a dead worker process makes the Ray call itself fail.
 
-Returned dict: ``result`` (``TrainResult.to_json()``), ``weights`` (safetensors bytes of the
-state dict, for status ``ok``), ``gpu`` (for GPU trials: ``share`` of the GPU, allocator
-``cap_bytes``, device ``name``, and the wall-clock ``start``/``end`` of the worker call, which
-show whether trials really shared the GPU at the same time), ``cpu_s`` (process CPU seconds of
-the training: compared with its wall time it shows how much of a core the trial got),
-``latency_s`` (when the objectives ask for it), and where it ran: ``node`` (Ray node id),
-``host``, ``pid``.
+Returned dict: ``result`` (``TrainResult.to_json()`` of the first seed), ``weights``
+(safetensors bytes of its state dict, for status ``ok``), ``seed_results`` (with ``seeds: k`` in
+the payload: one ``{seed, status, val_loss, metric, steps, seconds, reason}`` per seed, trained
+one after the other in this task; the first one that does not end ``ok`` ends the trial),
+``gpu`` (for GPU trials: ``share`` of the GPU, allocator ``cap_bytes``, device ``name``, and
+the wall-clock ``start``/``end`` of the worker call, which show whether trials really shared
+the GPU at the same time), ``cpu_s`` (process CPU seconds of the training: compared with its
+wall time it shows how much of a core the trial got), ``latency_s`` (when the objectives ask
+for it), and where it ran: ``node`` (Ray node id), ``host``, ``pid``.
 
 GPU trials (``payload["gpus"]`` > 0, device ``cuda``): Ray's fractional GPUs are bookkeeping only,
 so the worker caps its CUDA caching allocator a little under its share
@@ -67,6 +69,11 @@ def measure_latency(model: Any, task: Any, device: str) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def _seed_result(res: dict[str, Any]) -> dict[str, Any]:
+    keys = ("seed", "status", "val_loss", "metric", "steps", "seconds", "reason")
+    return {k: res.get(k) for k in keys}
+
+
 def run_trial(payload: dict[str, Any]) -> dict[str, Any]:
     """Train one trial (see the module doc); never raises for a training problem."""
     where = _where()
@@ -86,10 +93,17 @@ def run_trial(payload: dict[str, Any]) -> dict[str, Any]:
         config = TrainConfig(**payload.get("train", {}))
         cap = cap_memory(fraction, resolve_device(config.device))
         cpu = time.process_time()
-        result = train(spec, task, float(payload["budget_flops"]), seed=int(payload["seed"]),
-                       config=config)
-        out: dict[str, Any] = {**where, "result": result.to_json(),
-                               "cpu_s": time.process_time() - cpu}
+        seed0 = int(payload["seed"])
+        result = train(spec, task, float(payload["budget_flops"]), seed=seed0, config=config)
+        out: dict[str, Any] = {**where, "result": result.to_json()}
+        seeds = [_seed_result(out["result"])]
+        for seed in range(seed0 + 1, seed0 + int(payload.get("seeds") or 1)):
+            if seeds[-1]["status"] != "ok":
+                break
+            seeds.append(_seed_result(train(spec, task, float(payload["budget_flops"]),
+                                            seed=seed, config=config).to_json()))
+        out["seed_results"] = seeds
+        out["cpu_s"] = time.process_time() - cpu
         device = next(result.model.parameters()).device
         if device.type == "cuda":
             out["gpu"] = {"share": fraction, "cap_bytes": cap, "start": start,

@@ -330,11 +330,14 @@ class _Run:
         self.status = "interrupted"
         self.reason = f"interrupted (KeyboardInterrupt) after step {self.step} of {self.total}"
 
-    def loop(self) -> None:
-        """Take the planned steps; stop early on NaN, divergence or Ctrl-C (status says which)."""
+    def loop(self, until: int | None = None) -> None:
+        """Take the planned steps (up to step ``until``: a rung's stable phase, see
+        :mod:`trainers.continuation`); stop early on NaN, divergence or Ctrl-C (status says
+        which)."""
         self.model.train()
+        stop = self.total if until is None else until
         try:
-            while self.step < self.total and self._one_step():
+            while self.step < stop and self._one_step():
                 pass
         except KeyboardInterrupt:
             self._interrupted()

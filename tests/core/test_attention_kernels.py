@@ -377,15 +377,15 @@ def test_width_mismatch_raises():
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [True, False])
 def test_cuda_fallbacks_match_cpu_kernels(causal):
-    """Off CPU, every rectangle of the region kernel and every window chunk takes the unfused
-    path; both must agree with the CPU kernels, gradients included."""
+    """With ``backend="regions"`` off CPU, every rectangle of the region kernel and every window
+    chunk takes the unfused path; both must agree with the CPU kernels, gradients included."""
     widths, block_sizes = (4, 3, 2), (None, 8, 4)
     inputs = qkv(13, 9, 6)
     results = []
     for device in ("cpu", "cuda"):
         q, k, v = (x.detach().to(device).requires_grad_() for x in inputs)
-        out = multilevel_attention(q, k, v, widths, block_sizes, causal)
-        out = out + window_attention(q, k, v, 5, causal)
+        out = multilevel_attention(q, k, v, widths, block_sizes, causal, backend="regions")
+        out = out + window_attention(q, k, v, 5, causal, backend="regions")
         out.pow(2).sum().backward()
         results.append([x.detach().cpu() for x in (out, q.grad, k.grad, v.grad)])
     for got, want in zip(results[1], results[0], strict=True):

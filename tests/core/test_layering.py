@@ -45,8 +45,11 @@ def test_core_imports_no_upper_layer():
 
 # ---- the dashboard reads studies only through the record/storage API --------------------------
 # The trial record and study info (record), opening storages and artifacts (storage), fronts,
-# hypervolume and summaries over records (pareto), and the one exporter (export).
-DASHBOARD_MAY_IMPORT = {"studies.record", "studies.storage", "studies.pareto", "studies.export"}
+# hypervolume and summaries over records (pareto), the one exporter (export), PED-ANOVA
+# importances over records' values (importance: optuna only, no search machinery), and scaling
+# laws over records' rungs (scaling: numpy only).
+DASHBOARD_MAY_IMPORT = {"studies.record", "studies.storage", "studies.pareto", "studies.export",
+                        "studies.importance", "studies.scaling"}
 
 DASHBOARD_PROBE = """
 import json, sys

@@ -60,7 +60,12 @@ def test_pareto_table(study, storage_url, capsys):
     assert main(["pareto", "tiny", "--storage", storage_url]) == 0
     out = capsys.readouterr().out
     assert out.startswith("study 'tiny': ") and "hypervolume" in out
-    assert len(out.splitlines()) == 2 + len(front(load_records(study)))
+    lines = out.splitlines()
+    n = len(front(load_records(study)))
+    assert lines[2 + n].startswith("Per family (own front; matched = best loss at <= ")
+    assert lines[-2].startswith("The front has ")  # the answer: table, front, sentence, PNG
+    png = lines[-1].removeprefix("Picture of the front: ")
+    assert png.endswith("front.png") and open(png, "rb").read(4) == b"\x89PNG"
 
 
 def test_unknown_study_lists_the_studies(study, storage_url, capsys):

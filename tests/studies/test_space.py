@@ -298,8 +298,12 @@ def test_precedence_cli_over_file_over_default(tmp_path: Path):
     assert space.to_dict()["storage"] == "postgresql://u:***@h/db"
     with pytest.raises(UsageError, match=r"--trials must be an integer >= 1, got 0"):
         prepared(path, {"trials": 0})
-    with pytest.raises(UsageError, match=r"unknown override 'budget'"):
-        prepared(path, {"budget": 1e9})
+    with pytest.raises(UsageError, match=r"unknown override 'seed'"):
+        prepared(path, {"seed": 1})
+    space = prepared(path, {"budget": 1e9, "seeds": 3})  # mlbtc search --budget --seeds
+    assert (space.budget_flops, space.seeds) == (1e9, 3)
+    with pytest.raises(UsageError, match=r"--budget must be a positive number of FLOPs"):
+        prepared(path, {"budget": -1.0})
 
 
 def test_to_dict_round_trips(tiny: PreparedSpace):
