@@ -35,6 +35,7 @@ Which path runs when, and why:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -311,11 +312,15 @@ def multilevel_attention(
     mean = mean and sum(w > 0 for w in widths) > 1  # one level: the mean is the sum
     if not (not mean and plain_sdpa(T, widths, block_sizes, v.shape[-1])) and \
             resolve_backend(q, backend) == "flex" and flex_runs(T, widths, block_sizes, mean):
-        return flex_multilevel_attention(q, k, v, widths, block_sizes, causal, mean)
+        (q, k, v), dtype_guard = _one_dtype(q, k, v)  # flex needs one dtype (autocast mixes)
+        with dtype_guard:
+            return flex_multilevel_attention(q, k, v, widths, block_sizes, causal, mean)
     widths, block_sizes = kernel_levels(T, widths, block_sizes, causal, v.shape[-1])
     if not mean and plain_sdpa(T, widths, block_sizes, v.shape[-1]):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=1.0)
-    return _RegionAttention.apply(q, k, v, plan_regions(T, widths, block_sizes, causal, mean))
+    (q, k, v), dtype_guard = _one_dtype(q, k, v)
+    with dtype_guard:
+        return _RegionAttention.apply(q, k, v, plan_regions(T, widths, block_sizes, causal, mean))
 
 
 def multilevel_attention_reference(
@@ -374,6 +379,18 @@ def _window_mask(T: int, nc: int, window: int, kw: int, causal: bool, like: Tens
     return mask.masked_fill_(~ok, float("-inf")).unsqueeze(0)
 
 
+def _one_dtype(*ts: Tensor) -> tuple[tuple[Tensor, ...], contextlib.AbstractContextManager]:
+    """Operands of one dtype and a context that turns autocast off around a kernel's autograd
+    Function: autocast would mix dtypes in its forward and never reaches its backward. Under
+    autocast the operands take the autocast dtype (bf16 on CUDA), else q's (a no-op in fp32).
+    The casts run outside the Function, so autograd casts the gradients back."""
+    dev = ts[0].device.type
+    on = torch.is_autocast_enabled(dev)
+    dtype = torch.get_autocast_dtype(dev) if on else ts[0].dtype
+    guard = torch.autocast(dev, enabled=False) if on else contextlib.nullcontext()
+    return tuple(t.to(dtype) for t in ts), guard
+
+
 def window_attention(
     q: Tensor, k: Tensor, v: Tensor, window: int, causal: bool = True, backend: str | None = None
 ) -> Tensor:
@@ -392,7 +409,9 @@ def window_attention(
     dv = v.shape[-1]
     window = min(window, T)  # a longer window sees the same keys
     if resolve_backend(q, backend) == "flex" and flex_window_runs(W):
-        return flex_window_attention(q, k, v, window, causal)
+        (q, k, v), dtype_guard = _one_dtype(q, k, v)  # flex needs one dtype (autocast mixes)
+        with dtype_guard:
+            return flex_window_attention(q, k, v, window, causal)
     nc, kw = window_geometry(T, window, causal)
     pad_t = nc * window - T
     after = pad_t + (0 if causal else window)
@@ -403,7 +422,9 @@ def window_attention(
     kc = kp.unfold(2, kw, window).transpose(-1, -2).reshape(B * H, nc, kw, W)  # (B*H, nc, kw, W)
     vc = vp.unfold(2, kw, window).transpose(-1, -2).reshape(B * H, nc, kw, dv)
     mask = _window_mask(T, nc, window, kw, causal, q)
-    out = _MaskedAttention.apply(qc, kc, vc, mask)  # (B*H, nc, w, dv)
+    (qc, kc, vc, mask), dtype_guard = _one_dtype(qc, kc, vc, mask)
+    with dtype_guard:
+        out = _MaskedAttention.apply(qc, kc, vc, mask)  # (B*H, nc, w, dv)
     return out.reshape(B, H, nc * window, dv)[:, :, :T]  # (B, H, T, dv)
 
 

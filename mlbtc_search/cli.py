@@ -134,6 +134,14 @@ def _train(command: Callable[..., argparse.ArgumentParser]) -> None:
                    help="seed of the weights and the training data (default 0)")
     p.add_argument("--lr", type=_positive_float, help="base learning rate (default 1e-3)")
     p.add_argument("--batch-size", type=_count, help="batch size (default 64)")
+    p.add_argument("--device", help="cpu | cuda | cuda:N | auto (default cpu; auto: CUDA if "
+                                    "there is a GPU); CUDA runs use bf16 autocast")
+    p.add_argument("--autocast", choices=["auto", "bf16", "off"],
+                   help="bf16 autocast of the forward pass (default auto: on for CUDA only)")
+    p.add_argument("--compile", nargs="?", const="default", metavar="MODE",
+                   choices=["default", "reduce-overhead", "max-autotune"],
+                   help="torch.compile the model (MODE: default | reduce-overhead (CUDA graphs) "
+                        "| max-autotune); off by default")
     p.add_argument("--out", metavar="DIR",
                    help="new or empty directory for architecture.yaml, model.safetensors, "
                         "metrics.json and curve.csv (created after the run; without it nothing "

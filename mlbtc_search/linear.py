@@ -180,6 +180,8 @@ class _BTT(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, gout: Tensor) -> tuple[Tensor | None, ...]:
         x, R, L, *zzs = ctx.saved_tensors
+        dt = zzs[0].dtype  # bf16 under autocast (whose casts do not reach a custom backward)
+        x, R, L, gout = x.to(dt), R.to(dt), L.to(dt), gout.to(dt)  # no-ops in float32
         k, c, d, a, b, s, chunk = ctx.dims
         N = gout.shape[0]
         need_x, need_R, need_L = ctx.needs_input_grad[:3]

@@ -121,6 +121,17 @@ def connect_ray(space: SearchSpace, address: str | None) -> bool:
     return True
 
 
+def _check_gpus(space: SearchSpace) -> None:
+    """A one-line UsageError when trials reserve GPUs the cluster does not have (Ray would leave
+    them pending for ever)."""
+    import ray
+
+    want, have = space.resources["gpus"], ray.cluster_resources().get("GPU", 0.0)
+    if want > 0 and have < want:
+        raise UsageError(f"resources.gpus={want:g} per trial, but the Ray cluster has {have:g} "
+                         "GPUs; use resources.gpus: 0 (CPU trials) or a machine with a GPU")
+
+
 JOIN_TIMEOUT_S = 5.0
 
 
@@ -209,6 +220,7 @@ def run_search(space: SearchSpace, storage_url: str | None = None, address: str 
         try:
             if not complete and not stop.requested:
                 started_ray = connect_ray(space, address)
+                _check_gpus(space)
             kind: type[_Run] = _Run
             if space.rungs is not None:  # budgets: [...] (docs/scaling.md)
                 from .multifidelity import MultiFidelityRun as kind

@@ -41,7 +41,8 @@ CONSTRAINT_KEYS = ("max_flops", "max_params")
 FALLBACK_TRAIN_OPTIONS = {
     "lr": float, "batch_size": int, "warmup_steps": int, "schedule": str, "grad_clip": float,
     "weight_decay": float, "eval_batches": int, "eval_batch_size": int, "eval_every": int,
-    "eval_seed": int, "max_steps": int, "device": str, "threads": int,
+    "eval_seed": int, "max_steps": int, "device": str, "threads": int, "autocast": str,
+    "compile": "bool | str",
 }
 
 
@@ -82,6 +83,11 @@ def normalize(s: Mapping[str, Any]) -> dict[str, Any]:
     from .rungs import fidelity_settings
 
     seed = check_int(s["seed"], ("seed",), "seed", 0)
+    resources, train = _resources(s["resources"]), _train(s["train"])
+    if str(train.get("device", "")).startswith("cuda") and resources["gpus"] == 0:
+        raise SpecError(f"train.device {train['device']!r} needs resources.gpus > 0 (Ray hides "
+                        "the GPUs from trials that reserve none), e.g. resources: {gpus: 0.25}",
+                        ("train", "device"))
     budget, rungs, confirm = fidelity_settings(s["budget_flops"], s.get("budgets"),
                                                s.get("promote"), s.get("confirm"))
     seeds = check_int(s["seeds"], ("seeds",), "seeds")
@@ -97,9 +103,9 @@ def normalize(s: Mapping[str, Any]) -> dict[str, Any]:
         "objectives": _objectives(s["objectives"]), "sampler": _sampler(s["sampler"], seed),
         "trials": check_int(s["trials"], ("trials",), "trials"),
         "workers": check_int(s["workers"], ("workers",), "workers"),
-        "resources": _resources(s["resources"]), "storage": _storage(s["storage"]),
+        "resources": resources, "storage": _storage(s["storage"]),
         "seed": seed, "seeds": seeds,
-        "train": _train(s["train"]), "constraints": _constraints(s["constraints"]),
+        "train": train, "constraints": _constraints(s["constraints"]),
     }
 
 

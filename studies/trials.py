@@ -321,7 +321,7 @@ class Recorder:
             "trial": p.trial.number, "spec": p.candidate.spec.to_dict(), "task": self.space.task,
             "budget_flops": self.space.budget_flops, "seed": self.space.seed,
             "seeds": self.space.seeds, "train": train,
-            "threads": int(train.get("threads") or max(1, int(cpus))),
+            "threads": int(train.get("threads") or max(1, int(cpus))), "gpus": gpus,
             "objectives": list(self.space.objectives),
         }
 
@@ -344,7 +344,7 @@ class Recorder:
             "duration_s": res["seconds"], "wall_s": wall, "code_version": self.version,
             "train_status": res["status"],
         }
-        for key in ("latency_s", "cpu_s"):
+        for key in ("latency_s", "cpu_s", "gpu"):
             if key in out:
                 attrs[key] = out[key]
         seeds = out.get("seed_results") or [res]

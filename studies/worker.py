@@ -9,9 +9,16 @@ Returned dict: ``result`` (``TrainResult.to_json()`` of the first seed), ``weigh
 (safetensors bytes of its state dict, for status ``ok``), ``seed_results`` (with ``seeds: k`` in
 the payload: one ``{seed, status, val_loss, metric, steps, seconds, reason}`` per seed, trained
 one after the other in this task; the first one that does not end ``ok`` ends the trial),
-``cpu_s`` (process CPU seconds of the training: compared with its wall time it shows how much of
-a core the trial got), ``latency_s`` (when the objectives ask for it), and where it ran:
-``node`` (Ray node id), ``host``, ``pid``.
+``gpu`` (for GPU trials: ``share`` of the GPU, allocator ``cap_bytes``, device ``name``, and
+the wall-clock ``start``/``end`` of the worker call, which show whether trials really shared
+the GPU at the same time), ``cpu_s`` (process CPU seconds of the training: compared with its
+wall time it shows how much of a core the trial got), ``latency_s`` (when the objectives ask
+for it), and where it ran: ``node`` (Ray node id), ``host``, ``pid``.
+
+GPU trials (``payload["gpus"]`` > 0, device ``cuda``): Ray's fractional GPUs are bookkeeping only,
+so the worker caps its CUDA caching allocator a little under its share
+(:func:`trainers.device.cap_memory`); running out of memory then fails the trial with a one-line
+reason that names the share and the cap instead of taking the other trials on the GPU down.
 
 The driver names each Ray task ``mlbtc-trial-<number>``; Ray shows that name in its state API
 and as the worker's process title (``ray::mlbtc-trial-3``) while the trial trains, which is how
@@ -47,12 +54,17 @@ def measure_latency(model: Any, task: Any, device: str) -> float:
 
     inputs, _ = task.batch("val", 1, torch.Generator().manual_seed(0))
     inputs = inputs.to(device)
+    cuda = torch.device(device).type == "cuda"
     times = []
     with torch.no_grad():
         model(inputs)  # warm-up
         for _ in range(LATENCY_REPEATS):
+            if cuda:
+                torch.cuda.synchronize()
             start = time.perf_counter()
             model(inputs)
+            if cuda:  # kernels run asynchronously: wait for them
+                torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
 
@@ -65,11 +77,13 @@ def _seed_result(res: dict[str, Any]) -> dict[str, Any]:
 def run_trial(payload: dict[str, Any]) -> dict[str, Any]:
     """Train one trial (see the module doc); never raises for a training problem."""
     where = _where()
+    fraction, cap, start = float(payload.get("gpus") or 0.0), None, time.time()
     try:
         import safetensors.torch
         import torch
 
         from mlbtc_search.model import ModelSpec
+        from trainers.device import cap_memory, resolve_device
         from trainers.tasks import get_task
         from trainers.train import TrainConfig, train
 
@@ -77,6 +91,7 @@ def run_trial(payload: dict[str, Any]) -> dict[str, Any]:
         task = get_task(payload["task"]["name"], **payload["task"].get("options", {}))
         spec = ModelSpec.from_dict(payload["spec"])
         config = TrainConfig(**payload.get("train", {}))
+        cap = cap_memory(fraction, resolve_device(config.device))
         cpu = time.process_time()
         seed0 = int(payload["seed"])
         result = train(spec, task, float(payload["budget_flops"]), seed=seed0, config=config)
@@ -89,17 +104,32 @@ def run_trial(payload: dict[str, Any]) -> dict[str, Any]:
                                             seed=seed, config=config).to_json()))
         out["seed_results"] = seeds
         out["cpu_s"] = time.process_time() - cpu
+        device = next(result.model.parameters()).device
+        if device.type == "cuda":
+            out["gpu"] = {"share": fraction, "cap_bytes": cap, "start": start,
+                          "name": torch.cuda.get_device_name(device), "end": time.time()}
         if result.status == "ok":
             out["weights"] = safetensors.torch.save(result.state_dict())
             if "latency" in payload.get("objectives", ()):
-                out["latency_s"] = measure_latency(result.model, task, config.device)
+                out["latency_s"] = measure_latency(result.model, task, device)
         return out
     except KeyboardInterrupt:
         return {**where, "error": "interrupted"}
     except Exception as exc:  # noqa: BLE001 - reported to the driver, recorded on the trial
+        oom = _oom_reason(exc, cap, fraction)
+        if oom is not None:
+            return {**where, "error": oom}
         detail = " ".join(str(exc).split()) or "".join(
             traceback.format_exception_only(type(exc), exc)).strip()
         return {**where, "error": f"{type(exc).__name__}: {detail}"}
+
+
+def _oom_reason(exc: BaseException, cap: float | None, fraction: float) -> str | None:
+    try:
+        from trainers.device import oom_reason
+    except ImportError:  # torch itself failed to import: not an OOM
+        return None
+    return oom_reason(exc, cap, fraction)
 
 
 __all__ = ["run_trial", "measure_latency"]

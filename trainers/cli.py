@@ -32,6 +32,7 @@ from mlbtc_search.errors import SpecError, UsageError
 from mlbtc_search.model import AdapterSpec, ModelSpec
 from mlbtc_search.yamlio import Located, dump_yaml, load_yaml, yaml_scalar
 
+from .device import resolve_device
 from .tasks import Task, get_task
 from .train import TrainConfig, TrainResult
 from .train import train as train_model
@@ -176,9 +177,15 @@ def train(args: argparse.Namespace) -> int:
                                                              a.output_dim), seq_len=a.seq_len)
     except SpecError as err:
         raise doc.locate(err) from None
-    overrides = {k: v for k, v in (("lr", args.lr), ("batch_size", args.batch_size))
-                 if v is not None}
-    config = TrainConfig(**overrides)
+    flags = (("lr", args.lr), ("batch_size", args.batch_size), ("device", args.device),
+             ("autocast", args.autocast), ("compile", args.compile))
+    overrides = {k: v for k, v in flags if v is not None}
+    try:
+        config = TrainConfig(**overrides)
+    except SpecError as err:
+        flag = f"--{str(err.path[0]).replace('_', '-')}" if err.path else None
+        raise SpecError(err.message, source=flag) from None
+    resolve_device(config.device)  # no CUDA for --device cuda: one line, exit 2, before training
     out = check_out_dir(args.out)
 
     shown = [-1]  # the last step shown: the final report repeats it when nothing changed

@@ -15,7 +15,9 @@ the read-in and the position table keep multiplier 1), linear warmup then consta
 (:mod:`trainers.schedule`), gradient clipping. Deterministic on the CPU for a seed: the seed
 initialises the weights and a separate ``torch.Generator`` drives the training data; the
 held-out data depend only on ``TrainConfig.eval_seed``, so every trial and seed is scored on the
-same validation batches.
+same validation batches. On CUDA (:mod:`trainers.device`: bf16 autocast, optional compile) the
+batches are made on the device from the same seeds (deterministic, other numbers than the CPU's)
+and the kernels are not bitwise deterministic.
 
 A non-finite training loss stops the run with status ``"nan"``, a loss above
 ``DIVERGENCE_FACTOR`` times the first step's loss with ``"diverged"``, Ctrl-C with
@@ -41,6 +43,15 @@ from mlbtc_search.model import AdapterSpec, ModelSpec, build_model, model_flops,
 from mlbtc_search.mup import make_adamw
 from mlbtc_search.yamlio import json_safe
 
+from .device import (
+    autocast,
+    autocast_dtype,
+    check_autocast,
+    check_compile,
+    check_device,
+    compiled,
+    resolve_device,
+)
 from .schedule import check_schedule, lr_factor
 from .tasks import Task
 
@@ -60,7 +71,9 @@ class TrainConfig:
     ``warmup_steps=None`` warms up over 10% of the run's steps, at most ``MAX_WARMUP``.
     ``eval_every=None`` evaluates about 10 times per run; the end of the run is always evaluated.
     ``eval_batch_size=None`` uses ``batch_size``. ``max_steps`` caps the steps the budget buys.
-    ``threads`` sets ``torch.set_num_threads`` (process-wide) when given.
+    ``threads`` sets ``torch.set_num_threads`` (process-wide) when given. ``device``
+    (``cpu``/``cuda``/``cuda:N``/``auto``), ``autocast`` (``auto``: bf16 on CUDA) and ``compile``
+    are described in :mod:`trainers.device`.
     """
 
     lr: float = 1e-3
@@ -76,9 +89,14 @@ class TrainConfig:
     max_steps: int | None = None
     device: str = "cpu"
     threads: int | None = None
+    autocast: str = "auto"
+    compile: bool | str = False
 
     def __post_init__(self) -> None:
         check_schedule(self.schedule)
+        check_device(self.device)
+        check_autocast(self.autocast)
+        check_compile(self.compile)
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise SpecError(f"lr must be a positive number, got {self.lr!r}", ("lr",))
         for name in ("batch_size", "eval_batches"):
@@ -270,9 +288,12 @@ class _Run:
         self.log_every = max(1, self.total // CURVE_POINTS)
         if config.threads is not None:
             torch.set_num_threads(config.threads)
-        self.device = torch.device(config.device)
+        self.device = resolve_device(config.device)
+        self.amp = autocast_dtype(config.autocast, self.device)
+        self.on_device = {} if self.device.type == "cpu" else {"device": self.device}
         torch.manual_seed(seed)
         self.model = build_model(spec).to(self.device)
+        self.forward = compiled(self.model, config.compile)  # self.model keeps the state dict
         self.optimizer = make_optimizer(self.model, spec, config)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.data = torch.Generator().manual_seed(seed)
@@ -288,8 +309,10 @@ class _Run:
 
     def evaluate(self) -> dict[str, float]:
         c = self.config
-        return self.task.evaluate(self.model, batches=c.eval_batches,
-                                  batch_size=c.eval_batch_size or c.batch_size, seed=c.eval_seed)
+        with autocast(self.amp, self.device):
+            return self.task.evaluate(self.forward, batches=c.eval_batches,
+                                      batch_size=c.eval_batch_size or c.batch_size,
+                                      seed=c.eval_seed)
 
     def report(self, loss: float, final: bool = False) -> None:
         if self.progress is None:
@@ -325,9 +348,10 @@ class _Run:
         factor = lr_factor(self.step, self.total, self.warmup, c.schedule)
         for group in self.optimizer.param_groups:
             group["lr"] = c.lr * group["lr_mult"] * factor
-        inputs, targets = self.task.batch("train", c.batch_size, self.data, self.step)
-        inputs, targets = inputs.to(self.device), targets.to(self.device)
-        loss = self.task.loss(self.model(inputs), targets)
+        inputs, targets = self.task.batch("train", c.batch_size, self.data, self.step,
+                                          **self.on_device)  # made on the device
+        with autocast(self.amp, self.device):  # the tasks' losses are float32
+            loss = self.task.loss(self.forward(inputs), targets)
         value = float(loss.detach())
         if not self._loss_ok(value):
             return False

@@ -5,9 +5,14 @@ A task tells the model builder which input/output adapters it needs (:class:`Ada
 ``torch.Generator``, and turns model outputs into a training loss and a task metric. It knows
 nothing about models, optimizers, budgets, Optuna or Ray.
 
-Batches are always produced on the CPU (the generator is a CPU generator); the training loop
-moves them to its device. :meth:`Task.evaluate` does that itself, using the device of the
-model's first parameter.
+The generator passed to :meth:`Task.batch` is always a CPU generator; ``device=`` says where the
+batch is made. On the CPU (the default) batches are exactly what they were before devices
+existed. On another device the data never crosses from the host per step: every random draw
+runs on the device, from a device generator seeded by one draw of the CPU generator (so batches
+are deterministic for a seed on a given device, but differ from the CPU's, which uses another
+random number generator), and the data a task reads (a text corpus, a series) is copied to the
+device once and kept there (:meth:`Task.resident`). :meth:`Task.evaluate` makes its batches on
+the device of the model's first parameter.
 
 Option validation helpers live here too, so every task reports a bad option the same way: a
 :class:`~mlbtc_search.errors.SpecError` whose path is the option name (callers that know where the
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import abc
 import os
+import warnings
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,9 +85,16 @@ class Task(abc.ABC):
 
     @abc.abstractmethod
     def batch(
-        self, split: str, batch_size: int, generator: torch.Generator, step: int = 0
+        self,
+        split: str,
+        batch_size: int,
+        generator: torch.Generator,
+        step: int = 0,
+        *,
+        device: torch.device | str | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """One batch ``(inputs, targets)`` of the ``"train"`` or ``"val"`` split.
+        """One batch ``(inputs, targets)`` of the ``"train"`` or ``"val"`` split, made on
+        ``device`` (default: the CPU) as the module doc describes.
 
         ``inputs`` is float ``(B, T_step, input_dim)`` for vector/series adapters and long
         ``(B, T_step)`` for tokens, with ``T_step == self.seq_len_at(step)`` for the train split
@@ -99,6 +112,21 @@ class Task(abc.ABC):
     def seq_len_at(self, step: int) -> int:
         """Sequence length of training batches at ``step``; constant without a curriculum."""
         return self.adapter.seq_len
+
+    def resident(self, name: str, data: Any, device: torch.device) -> Tensor:
+        """``data`` (an array or tensor) as a tensor on ``device``, copied once and cached under
+        ``name`` (uint16 token ids are kept as their int16 bit pattern: see ``as_long``)."""
+        cache: dict[tuple[str, torch.device], Tensor] = self.__dict__.setdefault("_resident", {})
+        key = (name, device)
+        if key not in cache:
+            if isinstance(data, np.ndarray):
+                array = np.ascontiguousarray(data.view(np.int16) if data.dtype == np.uint16
+                                             else data)
+                with warnings.catch_warnings():  # a read-only memmap: the tensor is never written
+                    warnings.simplefilter("ignore", UserWarning)
+                    data = torch.from_numpy(array)
+            cache[key] = data.to(device)
+        return cache[key]
 
     def evaluate(
         self,
@@ -119,6 +147,7 @@ class Task(abc.ABC):
         batch_size = check_int(batch_size, ("batch_size",), "batch_size", high=MAX_SIZE)
         generator = torch.Generator().manual_seed(seed)
         device = _device_of(model)
+        on_device = {} if device.type == "cpu" else {"device": device}  # older tasks: CPU only
         was_training = model.training if isinstance(model, nn.Module) else None
         if isinstance(model, nn.Module):
             model.eval()
@@ -127,7 +156,7 @@ class Task(abc.ABC):
         try:
             with torch.no_grad():
                 for _ in range(batches):
-                    inputs, targets = self.batch("val", batch_size, generator)
+                    inputs, targets = self.batch("val", batch_size, generator, **on_device)
                     inputs, targets = inputs.to(device), targets.to(device)
                     outputs = model(inputs)
                     losses.append(float(self.loss(outputs, targets)))
@@ -218,3 +247,20 @@ def derive_seed(*parts: int) -> int:
 def draw_seed(generator: torch.Generator) -> int:
     """One 62-bit integer drawn from ``generator`` (advances it)."""
     return int(torch.randint(0, 2**62, (1,), generator=generator))
+
+
+def as_device(device: torch.device | str | None) -> torch.device:
+    """``device`` as a ``torch.device`` (``None``: the CPU)."""
+    return torch.device("cpu") if device is None else torch.device(device)
+
+
+def device_generator(generator: torch.Generator, device: torch.device) -> torch.Generator:
+    """A generator on ``device`` seeded by one draw of the CPU ``generator`` (advances it)."""
+    return torch.Generator(device=device).manual_seed(draw_seed(generator))
+
+
+def as_long(window: Tensor) -> Tensor:
+    """Token ids gathered from a resident tensor as int64 (int16 holds uint16 bit patterns)."""
+    if window.dtype == torch.int16:
+        return window.long() & 0xFFFF
+    return window.long()

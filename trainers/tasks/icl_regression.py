@@ -23,6 +23,11 @@ state, and everything is deterministic given it. With ``pool_size`` (the paper's
 set) train samples are drawn uniformly from a fixed pool of ``pool_size`` samples (sample ``s`` is
 generated from seeds derived from ``s`` alone, independently of the training seed, so the pool is
 one dataset); val samples never come from the pool.
+
+On a device (``batch(..., device=...)``) the sub-generator lives on that device, so a batch is
+drawn there with no host-to-device copy; on the CPU this is the same code as always. The pool is
+the exception: its samples are drawn on the CPU (one generator per sample, as the pool defines
+them) and copied.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from .base import (
     MAX_SIZE,
     Adapter,
     Task,
+    as_device,
     check_bool,
     check_int,
     check_outputs,
@@ -126,21 +132,30 @@ class IclRegressionTask(Task):
     # -- data --------------------------------------------------------------------------------
 
     def batch(
-        self, split: str, batch_size: int, generator: torch.Generator, step: int = 0
+        self,
+        split: str,
+        batch_size: int,
+        generator: torch.Generator,
+        step: int = 0,
+        *,
+        device: torch.device | str | None = None,
     ) -> tuple[Tensor, Tensor]:
         check_split(split)
+        device = as_device(device)
         batch_size = check_int(batch_size, ("batch_size",), "batch_size", high=MAX_SIZE)
         if split == "train":
             d_cur, n = self.dims_at(step), self.points_at(step)
         else:
             d_cur, n = self.n_dims, self.n_points
         seed = derive_seed(draw_seed(generator), _SPLIT_SALT[split])
-        sub = torch.Generator().manual_seed(seed)
         if split == "train" and self.pool_size is not None:
+            sub = torch.Generator().manual_seed(seed)
             x, w = self._pool_samples(self.pool_size, batch_size, d_cur, n, sub)
+            x, w = x.to(device), w.to(device)
         else:
-            x = torch.randn(batch_size, n, d_cur, generator=sub)  # (B, n, d_cur)
-            w = torch.randn(batch_size, d_cur, generator=sub)  # (B, d_cur)
+            sub = torch.Generator(device=device).manual_seed(seed)
+            x = torch.randn(batch_size, n, d_cur, generator=sub, device=device)  # (B, n, d_cur)
+            w = torch.randn(batch_size, d_cur, generator=sub, device=device)  # (B, d_cur)
         x = x / math.sqrt(d_cur)
         y = torch.einsum("bnd,bd->bn", x, w)  # (B, n)
         return self._interleave(x, y), y
@@ -161,9 +176,9 @@ class IclRegressionTask(Task):
     def _interleave(self, x: Tensor, y: Tensor) -> Tensor:
         """``x`` (B, n, d_cur) and ``y`` (B, n) -> inputs (B, 2n, n_dims), zero-padded."""
         B, n, d_cur = x.shape
-        xs = torch.zeros(B, n, self.n_dims)
+        xs = x.new_zeros(B, n, self.n_dims)
         xs[:, :, :d_cur] = x
-        ys = torch.zeros(B, n, self.n_dims)
+        ys = x.new_zeros(B, n, self.n_dims)
         ys[:, :, 0] = y
         return torch.stack((xs, ys), dim=2).reshape(B, 2 * n, self.n_dims)  # (B, n, 2, d)
 

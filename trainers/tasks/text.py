@@ -2,10 +2,11 @@
 
 Sources (option ``path``):
 
-- ``None``: the embedded default corpus, real English text that needs no download: CPython's
-  reference documentation topics (``pydoc_data.topics.topics``, about 465 KB, shipped with every
-  CPython), joined in sorted-key order with blank lines, read at run time (no copy is shipped).
-  Its exact bytes follow the running CPython version, so compare results on one Python version.
+- ``None``: a corpus built at run time from what CPython ships (no download, no copy shipped),
+  named by option ``corpus`` (:mod:`trainers.tasks.corpus`): ``"pydoc"`` (default), real English
+  text, CPython's reference documentation topics (about 465 KB); ``"stdlib"``, that text plus the
+  standard library's sources (about 32 MB, too big for our models to memorise). Their exact bytes
+  follow the running CPython version, so compare results on one Python version.
 - a file (``format`` ``"text"`` or ``"auto"``): its raw bytes, vocabulary 256. The last
   ``val_fraction`` of the bytes is the validation split.
 - a directory (``format`` ``"nanogpt"`` or ``"auto"``): ``train.bin`` and ``val.bin`` as written
@@ -17,11 +18,15 @@ the next tokens. Loss: cross entropy in nats. Metric ``bits_per_byte``: the cros
 (nats / ln 2), computed in float64 so a uniform predictor over 256 bytes scores exactly 8. For
 token files the same number is bits per *token*; the metric keeps its name so that every text
 task reports one metric.
+
+On a device (``batch(..., device=...)``) the tokens are copied to it once (kept as a resident
+tensor, up to ``RESIDENT_MAX`` bytes) and each batch is gathered there: the window starts come
+from a device generator (module doc of :mod:`trainers.tasks.base`). Larger token files are
+gathered on the CPU and each batch is copied.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from pathlib import Path
 from typing import Any
@@ -31,35 +36,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mlbtc_search.errors import SpecError, TrainingError, UsageError
+from mlbtc_search.errors import SpecError, UsageError
 
 from .base import (
     MAX_SIZE,
     Adapter,
     Task,
+    as_device,
+    as_long,
     check_choice,
     check_fraction,
     check_int,
     check_outputs,
     check_path,
     check_split,
+    device_generator,
 )
+from .corpus import CORPORA, pydoc_corpus
+from .corpus import corpus as corpus_bytes
 
 FORMATS = ("auto", "text", "nanogpt")
 BYTE_VOCAB = 256
-
-
-@functools.lru_cache(maxsize=1)
-def default_corpus() -> bytes:
-    """CPython's reference documentation topics as one UTF-8 text, in sorted-key order."""
-    try:
-        from pydoc_data.topics import topics
-    except ImportError as err:  # pragma: no cover - every CPython ships pydoc_data
-        raise TrainingError(
-            "the default text corpus needs CPython's pydoc_data module, which this Python lacks; "
-            "pass the text task a file with option path=..."
-        ) from err
-    return "\n\n".join(topics[key] for key in sorted(topics)).encode("utf-8")
+RESIDENT_MAX = 1 << 31  # bytes of tokens kept on a device; larger data is gathered on the CPU
+default_corpus = pydoc_corpus  # the default corpus (kept under its old name)
 
 
 class TextTask(Task):
@@ -75,21 +74,27 @@ class TextTask(Task):
         format: str = "auto",
         seq_len: int = 128,
         val_fraction: float = 0.05,
+        corpus: str = "pydoc",
     ) -> None:
         fmt = check_choice("format", format, FORMATS)
+        self.corpus = check_choice("corpus", corpus, CORPORA)
         self.seq_len = check_int(seq_len, ("seq_len",), "seq_len", high=MAX_SIZE)
         self.val_fraction = check_fraction("val_fraction", val_fraction)
         self.path = check_path("path", path, "text data path")
+        if self.path is not None and self.corpus != "pydoc":
+            raise SpecError(f"give either path or corpus, not both (got path={path!r} and "
+                            f"corpus={corpus!r})", path=("corpus",))
         fmt = self._resolve_format(fmt)
         if fmt == "nanogpt" and self.path is not None:  # _resolve_format ensures a path
             self.train_data, self.val_data = _load_nanogpt(self.path)
             self._check_lengths(f"token files in {str(self.path)!r}", "tokens")
             vocab = int(max(self.train_data.max(), self.val_data.max())) + 1
         else:
-            data = _load_bytes(self.path)
+            data = _load_bytes(self.path, self.corpus)
             n_val = int(len(data) * self.val_fraction)
             self.train_data, self.val_data = data[: len(data) - n_val], data[len(data) - n_val :]
-            where = "the default corpus" if self.path is None else f"text file {str(self.path)!r}"
+            where = (f"the {self.corpus!r} corpus" if self.path is None
+                     else f"text file {str(self.path)!r}")
             self._check_lengths(where, "bytes")
             vocab = BYTE_VOCAB
         self.vocab_size = vocab
@@ -98,6 +103,7 @@ class TextTask(Task):
             "format": fmt,
             "seq_len": self.seq_len,
             "val_fraction": self.val_fraction,
+            "corpus": self.corpus,
         }
         self.adapter = Adapter("tokens", vocab, vocab, self.seq_len)
 
@@ -141,15 +147,30 @@ class TextTask(Task):
     # -- data --------------------------------------------------------------------------------
 
     def batch(
-        self, split: str, batch_size: int, generator: torch.Generator, step: int = 0
+        self,
+        split: str,
+        batch_size: int,
+        generator: torch.Generator,
+        step: int = 0,
+        *,
+        device: torch.device | str | None = None,
     ) -> tuple[Tensor, Tensor]:
         check_split(split)
         batch_size = check_int(batch_size, ("batch_size",), "batch_size", high=MAX_SIZE)
+        device = as_device(device)
         data = self.train_data if split == "train" else self.val_data
         T = self.seq_len
-        starts = torch.randint(0, len(data) - T, (batch_size,), generator=generator)
-        index = starts.numpy()[:, None] + np.arange(T + 1)  # (B, T+1)
-        window = torch.from_numpy(data[index].astype(np.int64))  # (B, T+1)
+        if device.type != "cpu" and data.nbytes <= RESIDENT_MAX:
+            tokens = self.resident(split, data, device)  # (N,) on the device, copied once
+            sub = device_generator(generator, device)
+            starts = torch.randint(0, len(data) - T, (batch_size,), generator=sub, device=device)
+            window = gather_windows(tokens, starts, T + 1)  # (B, T+1)
+        else:
+            starts = torch.randint(0, len(data) - T, (batch_size,), generator=generator)
+            index = starts.numpy()[:, None] + np.arange(T + 1)  # (B, T+1)
+            window = torch.from_numpy(data[index].astype(np.int64))  # (B, T+1)
+            if device.type != "cpu":
+                window = window.pin_memory().to(device, non_blocking=True)
         return window[:, :-1], window[:, 1:]
 
     # -- loss and metric ---------------------------------------------------------------------
@@ -166,10 +187,16 @@ class TextTask(Task):
         return float(nats) / math.log(2)
 
 
-def _load_bytes(path: Path | None) -> np.ndarray:
-    """The bytes of a text file (memory-mapped) or of the default corpus, as uint8."""
+def gather_windows(tokens: Tensor, starts: Tensor, length: int) -> Tensor:
+    """Windows ``tokens[s : s + length]`` for each start, as int64: (N,), (B,) -> (B, length)."""
+    index = starts[:, None] + torch.arange(length, device=starts.device)  # (B, length)
+    return as_long(tokens[index])
+
+
+def _load_bytes(path: Path | None, name: str = "pydoc") -> np.ndarray:
+    """The bytes of a text file (memory-mapped) or of corpus ``name``, as uint8."""
     if path is None:
-        return np.frombuffer(default_corpus(), dtype=np.uint8)
+        return np.frombuffer(corpus_bytes(name), dtype=np.uint8)
     return _memmap(path, np.uint8)
 
 

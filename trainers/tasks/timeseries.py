@@ -50,11 +50,13 @@ from .base import (
     MAX_SIZE,
     Adapter,
     Task,
+    as_device,
     check_fraction,
     check_int,
     check_outputs,
     check_path,
     check_split,
+    device_generator,
 )
 
 SYNTHETIC_STEPS = 17420
@@ -118,17 +120,27 @@ class TimeseriesTask(Task):
     # -- data --------------------------------------------------------------------------------
 
     def batch(
-        self, split: str, batch_size: int, generator: torch.Generator, step: int = 0
+        self,
+        split: str,
+        batch_size: int,
+        generator: torch.Generator,
+        step: int = 0,
+        *,
+        device: torch.device | str | None = None,
     ) -> tuple[Tensor, Tensor]:
         check_split(split)
         batch_size = check_int(batch_size, ("batch_size",), "batch_size", high=MAX_SIZE)
+        device = as_device(device)
         data = self.train_data if split == "train" else self.val_data
         N, C = data.shape
         L, T = self.lookback, self.lookback + self.horizon
-        channel = torch.randint(0, C, (batch_size,), generator=generator)
-        start = torch.randint(0, N - T + 1, (batch_size,), generator=generator)
-        values = data[start[:, None] + torch.arange(T), channel[:, None]]  # (B, T)
-        inputs = torch.zeros(batch_size, T, 1)
+        if device.type != "cpu":  # draws and data on the device (module doc of tasks.base)
+            data = self.resident(split, data, device)
+            generator = device_generator(generator, device)
+        channel = torch.randint(0, C, (batch_size,), generator=generator, device=device)
+        start = torch.randint(0, N - T + 1, (batch_size,), generator=generator, device=device)
+        values = data[start[:, None] + torch.arange(T, device=device), channel[:, None]]  # (B, T)
+        inputs = values.new_zeros(batch_size, T, 1)
         inputs[:, :L, 0] = values[:, :L]
         targets = values.clone()
         targets[:, :L] = values[:, 1 : L + 1]  # next-step over the lookback
