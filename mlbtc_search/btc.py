@@ -33,6 +33,19 @@ def _check_size(value: object, path: tuple, what: str) -> int:
     return value
 
 
+def reachable(nodes: list[set[str]]) -> set[int]:
+    """Indices of the nodes joined to node 0 through shared axes (the contraction graph's
+    connected component of x's leg, when ``nodes`` are the x and y legs and then the cores)."""
+    seen, frontier = {0}, [0]
+    while frontier:
+        i = frontier.pop()
+        for j, axes in enumerate(nodes):
+            if j not in seen and nodes[i] & axes:
+                seen.add(j)
+                frontier.append(j)
+    return seen
+
+
 @dataclass(frozen=True)
 class BTC:
     """One block tensor contraction R^n -> R^m (validated at construction)."""
@@ -88,14 +101,7 @@ class BTC:
         # cores plus the x and y legs; joined when they share an axis
         nodes = [set(a for a, _ in self.in_axes), set(a for a, _ in self.out_axes)]
         nodes += [set(c) for c in self.cores]
-        seen = {0}
-        frontier = [0]
-        while frontier:
-            i = frontier.pop()
-            for j, axes in enumerate(nodes):
-                if j not in seen and nodes[i] & axes:
-                    seen.add(j)
-                    frontier.append(j)
+        seen = reachable(nodes)
         if len(seen) != len(nodes):
             lonely = [j - 2 for j in range(2, len(nodes)) if j not in seen]
             raise SpecError(

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from mlbtc_search.errors import TrainingError
-from mlbtc_search.model import ModelSpec, model_flops, model_params
+from mlbtc_search.model import ModelSpec
 
 from .schedule import cooldown_steps
 from .tasks import Task
@@ -200,17 +200,7 @@ def train_rung(
                           warmup, run.step, run.tokens, run.flops, run.first_loss, weights, opt,
                           run.data.get_state(), list(run.curve))
         run.loop()  # the cooldown branch
-    val_loss, metric = run.final_eval()
-    run.model.eval()
-    result = TrainResult(
-        status=run.status, reason=run.reason, val_loss=float(val_loss), metric=float(metric),
-        metric_name=task.metric_name,
-        flops_per_token=float(model_flops(spec, task.adapter.seq_len)),
-        params=int(model_params(spec)), steps=run.step, tokens=run.tokens,
-        train_flops=run.flops, budget_flops=float(budget_flops),
-        seconds=time.perf_counter() - start, curve=run.curve, spec=spec,
-        task={"name": task.name, "options": dict(task.options)}, seed=seed, config=config,
-        model=run.model)
+    result = run.result(start)
     if result.status != "ok":
         kept = None
     return RungRun(result, kept, run.flops - resumed_flops, state is not None)

@@ -257,20 +257,7 @@ def train(
     spec = resolve_spec(model_spec, task)
     run = _Run(spec, task, float(budget_flops), seed, config, progress)
     run.loop()
-    val_loss, metric = run.final_eval()
-    run.model.eval()
-    if progress is not None:
-        run.report(run.curve[-1]["train_loss"] if run.curve else math.nan, final=True)
-    return TrainResult(
-        status=run.status, reason=run.reason, val_loss=float(val_loss), metric=float(metric),
-        metric_name=task.metric_name,
-        flops_per_token=float(model_flops(spec, task.adapter.seq_len)),
-        params=int(model_params(spec)), steps=run.step, tokens=run.tokens,
-        train_flops=run.flops, budget_flops=float(budget_flops),
-        seconds=time.perf_counter() - start, curve=run.curve, spec=spec,
-        task={"name": task.name, "options": dict(task.options)}, seed=seed, config=config,
-        model=run.model,
-    )
+    return run.result(start)
 
 
 class _Run:
@@ -280,6 +267,7 @@ class _Run:
     def __init__(self, spec: ModelSpec, task: Task, budget: float, seed: int,
                  config: TrainConfig, progress: Callable[[dict[str, Any]], None] | None):
         self.task, self.budget, self.config, self.progress = task, budget, config, progress
+        self.spec, self.seed = spec, seed
         self.costs = StepCosts(spec, task, config.batch_size)
         self.total, self.planned_flops = self.costs.plan(budget, config.max_steps)
         self.warmup = (min(MAX_WARMUP, self.total // 10) if config.warmup_steps is None
@@ -329,6 +317,24 @@ class _Run:
     def _interrupted(self) -> None:
         self.status = "interrupted"
         self.reason = f"interrupted (KeyboardInterrupt) after step {self.step} of {self.total}"
+
+    def result(self, start: float) -> TrainResult:
+        """Evaluate once more if the curve's last point is not the last step, then the result
+        (``start``: ``time.perf_counter()`` when the run began, for ``seconds``)."""
+        val_loss, metric = self.final_eval()
+        self.model.eval()
+        if self.progress is not None:
+            self.report(self.curve[-1]["train_loss"] if self.curve else math.nan, final=True)
+        spec, task = self.spec, self.task
+        return TrainResult(
+            status=self.status, reason=self.reason, val_loss=float(val_loss),
+            metric=float(metric), metric_name=task.metric_name,
+            flops_per_token=float(model_flops(spec, task.adapter.seq_len)),
+            params=int(model_params(spec)), steps=self.step, tokens=self.tokens,
+            train_flops=self.flops, budget_flops=self.budget,
+            seconds=time.perf_counter() - start, curve=self.curve, spec=spec,
+            task={"name": task.name, "options": dict(task.options)}, seed=self.seed,
+            config=self.config, model=self.model)
 
     def loop(self, until: int | None = None) -> None:
         """Take the planned steps (up to step ``until``: a rung's stable phase, see

@@ -31,7 +31,7 @@ import math
 from math import gcd
 from typing import Any
 
-from mlbtc_search.btc import BTC
+from mlbtc_search.btc import BTC, reachable
 from mlbtc_search.presets import divisors
 
 from .options import MatrixOptions
@@ -181,11 +181,4 @@ def simplify(ins: list[int], outs: list[int], cores: list[list[str]],
 
 def _connected(in_axes: list, out_axes: list, cores: list[list[str]]) -> bool:
     nodes = [{a for a, _ in in_axes}, {a for a, _ in out_axes}] + [set(c) for c in cores]
-    seen, frontier = {0}, [0]
-    while frontier:
-        i = frontier.pop()
-        for j, axes in enumerate(nodes):
-            if j not in seen and nodes[i] & axes:
-                seen.add(j)
-                frontier.append(j)
-    return len(seen) == len(nodes)
+    return len(reachable(nodes)) == len(nodes)
