@@ -5,7 +5,7 @@ YAML (documented in docs/models.md)::
     width: 64
     depth: 3
     attention: {kind: mlr, heads: 8, ranks: [4, 2, 1, 1]}   # every layer (or `layers:` per layer)
-    mlp: {dense: {}}            # structure of both MLP matrices (D -> ratio*D -> D)
+    mlp: {dense: {}}            # both MLP matrices (D -> ratio*D -> D), or {up: SPEC, down: SPEC}
     mlp_ratio: 4
     max_seq_len: 64             # default: the task's sequence length
     adapter: {input_kind: vector, input_dim: 16, output_dim: 1}   # filled in from the task
@@ -122,6 +122,8 @@ class ModelSpec:
     def family(self) -> str:
         """Structure family for plots: the attention kind, plus the MLP's if not dense."""
         mlp = self.mlp_up.family
+        if self.mlp_down.family != mlp:
+            mlp = f"{mlp}+{self.mlp_down.family}"
         return self.attention_family + ("" if mlp == "dense" else f"/mlp:{mlp}")
 
     def to_dict(self) -> dict:
@@ -131,8 +133,7 @@ class ModelSpec:
         else:
             d["layers"] = [a.to_dict() for a in self.layers]
         ratio = self.mlp_up.n_out // self.width
-        up = self.mlp_up.to_dict()
-        d["mlp"] = {k: v for k, v in up.items() if k not in ("in", "out")}
+        d["mlp"] = _mlp_to_dict(self.mlp_up, self.mlp_down)
         d["mlp_ratio"] = ratio
         d["max_seq_len"] = self.max_seq_len
         if self.adapter is not None:
@@ -205,14 +206,8 @@ class ModelSpec:
                            for i, a in enumerate(raw))
         ratio = _int(d.get("mlp_ratio", cls.DEFAULT_MLP_RATIO), path + ("mlp_ratio",),
                      "mlp_ratio", high=MAX_SIZE // width)
-        mlp = d.get("mlp", cls.DEFAULT_MLP)
-        if isinstance(mlp, str):
-            mlp = {mlp: {}}
-        if not isinstance(mlp, dict):
-            raise SpecError("mlp must be a matrix structure, e.g. {dense: {}} or "
-                            "{btt: {rank: 1}}", path + ("mlp",))
-        up = MatrixSpec.from_dict(mlp, path + ("mlp",), width, ratio * width)
-        down = MatrixSpec.from_dict(mlp, path + ("mlp",), ratio * width, width)
+        up, down = _mlp_from_dict(d.get("mlp", cls.DEFAULT_MLP), path + ("mlp",), width,
+                                  ratio * width)
         task = d.get("task")
         if task is not None and not isinstance(task, dict):
             raise SpecError("task must be a mapping {name, options}", path + ("task",))
@@ -230,6 +225,50 @@ class ModelSpec:
 
 
 _DEFAULTS = {f.name: f.default for f in fields(ModelSpec) if f.default is not MISSING}
+
+
+def _mlp_from_dict(mlp: Any, path: tuple, width: int, hidden: int
+                   ) -> tuple[MatrixSpec, MatrixSpec]:
+    """The MLP's up (width -> hidden) and down (hidden -> width) matrices: one spec for both
+    (shape-agnostic: ``{btt: {rank: 1}}``) or ``{up: SPEC, down: SPEC}`` (a contraction graph
+    has one shape, so a ``btc`` MLP gives each projection its own)."""
+    if isinstance(mlp, str):
+        mlp = {mlp: {}}
+    if not isinstance(mlp, dict):
+        raise SpecError("mlp must be a matrix structure, e.g. {dense: {}} or {btt: {rank: 1}}, "
+                        "or {up: SPEC, down: SPEC}", path)
+    if not ({"up", "down"} & set(mlp)):
+        return (MatrixSpec.from_dict(mlp, path, width, hidden),
+                MatrixSpec.from_dict(mlp, path, hidden, width))
+    if set(mlp) != {"up", "down"}:
+        bad = sorted(set(mlp) - {"up", "down"}) or ["down" if "up" in mlp else "up"]
+        raise SpecError(f"a split MLP takes exactly the keys up and down (one matrix spec "
+                        f"each), got {sorted(mlp)}", path + (bad[0],))
+    specs = []
+    for key, n_in, n_out in (("up", width, hidden), ("down", hidden, width)):
+        m = mlp[key]
+        if isinstance(m, str):
+            m = {m: {}}
+        if not isinstance(m, dict):
+            raise SpecError(f"mlp.{key} must be a matrix structure, e.g. {{dense: {{}}}} or "
+                            "{btc: {...}}", path + (key,))
+        specs.append(MatrixSpec.from_dict(m, path + (key,), n_in, n_out))
+    return specs[0], specs[1]
+
+
+def _mlp_to_dict(up: MatrixSpec, down: MatrixSpec) -> dict:
+    """One spec when the up spec, rebuilt at the down shape, is the down matrix (the form
+    every one-spec MLP had); else ``{up, down}``."""
+    def strip(m: MatrixSpec) -> dict:
+        return {k: v for k, v in m.to_dict().items() if k not in ("in", "out")}
+
+    one = strip(up)
+    try:
+        if MatrixSpec.from_dict(one, (), down.n_in, down.n_out) == down:
+            return one
+    except SpecError:
+        pass
+    return {"up": strip(up), "down": strip(down)}
 
 
 def _freeze(value: Any) -> Any:

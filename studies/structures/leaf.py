@@ -10,13 +10,16 @@ Where a leaf may stand, and the matrix shape it samples:
 
 - ``{structure: attention}``: ``attention`` or the body of ``layers: {per_layer: ...}`` (or an
   item of ``layers``): one layer's attention, at the model's width and the task's length;
-- ``{structure: matrix}``: wherever a matrix spec stands: ``mlp`` (forms ``theta`` or ``dense``
-  only: the up and down projections share one spec, and a contraction graph has one shape),
-  and inside an attention spec (a level's ``score``, ``value``, ``output``: width x width).
+- ``{structure: matrix}``: wherever a matrix spec stands: ``mlp``, and inside an attention spec
+  (a level's ``score``, ``value``, ``output``: width x width). A contraction graph has one
+  shape, so under ``mlp`` the ``graph`` form samples two graphs, ``mlp.up`` (width ->
+  ratio*width) and ``mlp.down`` (ratio*width -> width), into ``{up: SPEC, down: SPEC}``; the
+  shape-agnostic forms (``theta``, ``dense``) give one spec for both, as before.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from mlbtc_search.errors import SpecError
@@ -46,10 +49,6 @@ def parse_structure(raw: dict, src: tuple) -> MatrixOptions | AttentionOptions:
         raise SpecError("structure: matrix stands where a matrix spec stands (mlp, a level's "
                         "score, value, output); one layer's attention is structure: attention",
                         src + (KEY,))
-    elif model_path == ["mlp"] and "graph" in opts.forms:
-        raise SpecError("the MLP's up and down projections share one spec, so its structure "
-                        "forms are theta or dense (a contraction graph has one shape), got "
-                        f"forms {list(opts.forms)}", src + ("forms",))
     return opts
 
 
@@ -89,8 +88,24 @@ def sample_structure(trial: Any, name: str, opts: MatrixOptions | AttentionOptio
     rec = RecordingTrial(trial, params)
     if isinstance(opts, AttentionOptions):
         return sample_attention(rec, name, opts, width, seq_len)
-    out = width
-    if name == "mlp":
-        ratio = mlp_ratio if isinstance(mlp_ratio, int) and not isinstance(mlp_ratio, bool) else 4
-        out = width * max(ratio, 1)
-    return sample_matrix(rec, name, opts, width, out)
+    if name != "mlp":
+        return sample_matrix(rec, name, opts, width, width)
+    ratio = mlp_ratio if isinstance(mlp_ratio, int) and not isinstance(mlp_ratio, bool) else 4
+    return sample_mlp(rec, opts, width, width * max(ratio, 1))
+
+
+def sample_mlp(trial: Any, opts: MatrixOptions, width: int, hidden: int) -> dict:
+    """The MLP's spec. Without ``graph`` in the forms: one shape-agnostic spec (parameters as
+    they always were). With it, ``mlp.form`` first picks graph or a shape-agnostic form: graph
+    samples ``mlp.up`` and ``mlp.down`` (each with its own feature levels) into ``{up, down}``;
+    the others sample one spec, every feature level of that form."""
+    if "graph" not in opts.forms:
+        return sample_matrix(trial, "mlp", opts, width, hidden)
+    form = opts.forms[0]
+    if len(opts.forms) > 1:
+        form = trial.suggest_categorical("mlp.form", list(opts.forms))
+    if form == "graph":
+        graph = replace(opts, forms=("graph",))
+        return {"up": sample_matrix(trial, "mlp.up", graph, width, hidden),
+                "down": sample_matrix(trial, "mlp.down", graph, hidden, width)}
+    return sample_matrix(trial, "mlp", replace(opts, forms=(form,)), width, hidden)

@@ -46,6 +46,30 @@ def test_matrix_structure_in_score_value_and_conditional_mlp():
     assert seen == {1, 2}
 
 
+def test_mlp_graph_form_samples_an_up_and_a_down_graph():
+    space = _space({"width": 32, "attention": "standard", "mlp_ratio": {"choice": [2, 4]},
+                    "mlp": {"structure": "matrix", "forms": ["dense", "graph"], "cores": 3,
+                            "axes": 2, "feature_levels": 2, "max_blocks": 4}})
+    forms = set()
+    for trial, cand in _samples(space, 16):
+        assert cand.spec is not None, cand.error
+        form = cand.params["mlp.form"]
+        forms.add(form)
+        hidden = 32 * cand.model["mlp_ratio"]
+        up, down = cand.spec.mlp_up, cand.spec.mlp_down
+        assert (up.n_in, up.n_out, down.n_in, down.n_out) == (32, hidden, hidden, 32)
+        if form == "graph":
+            assert set(cand.model["mlp"]) == {"up", "down"}
+            assert {"mlp.up.levels", "mlp.down.levels"} <= set(cand.params)
+        else:
+            levels = cand.model["mlp"].get("levels", [cand.model["mlp"]])
+            assert all("dense" in lv for lv in levels) and not any(
+                k.startswith(("mlp.up", "mlp.down")) for k in cand.params)
+        replay = space.sample(optuna.trial.FixedTrial(trial.params))
+        assert replay.spec.hash() == cand.spec.hash() and replay.params == cand.params
+    assert forms == {"dense", "graph"}
+
+
 def test_per_layer_attention_structures_have_their_own_parameters():
     space = _space({"width": 32, "depth": 3,
                     "layers": {"per_layer": {"structure": "attention", "heads": [2, 4]}}})
@@ -56,8 +80,6 @@ def test_per_layer_attention_structures_have_their_own_parameters():
 
 
 @pytest.mark.parametrize("space, match", [
-    ({"width": 32, "mlp": {"structure": "matrix", "forms": ["graph"]}},
-     r"space.mlp.forms: the MLP's up and down projections share one spec"),
     ({"width": 32, "mlp": {"structure": "attention"}},
      r"space.mlp.structure: structure: attention stands for one layer's attention"),
     ({"width": 32, "attention": {"structure": "matrix"}},
