@@ -190,6 +190,8 @@ def describe(spec: ModelSpec) -> dict:
         })
     out = {"label": model_label(spec), "family": family_label(spec), "layers": layers,
            "mlp": matrix_descriptor(spec.mlp_up)}
+    if matrix_family(spec.mlp_down) != matrix_family(spec.mlp_up):  # a split MLP: both halves
+        out["mlp_down"] = matrix_descriptor(spec.mlp_down)
     out["summary"] = summary(out)
     return out
 
@@ -223,6 +225,8 @@ def model_label(spec: ModelSpec) -> str:
     """The attention label of every distinct layer (``, ``-joined) and a non-dense MLP's family."""
     att = ", ".join(dict.fromkeys(structure_label(a) for a in spec.layers))
     mlp = matrix_family(spec.mlp_up)
+    down = matrix_family(spec.mlp_down)
+    mlp = mlp if down == mlp else f"{mlp}+{down}"
     return att + ("" if mlp == "dense" else f" / mlp:{mlp}")
 
 

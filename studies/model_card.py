@@ -26,7 +26,7 @@ def _describe(spec: ModelSpec) -> str:
         attn = "; ".join(f"layer {i}: {s}" for i, s in enumerate(layers))
     a = spec.adapter
     return (f"- family: `{spec.family}`\n- width {spec.width}, depth {spec.depth}, MLP "
-            f"{spec.mlp_up.family} x{spec.mlp_up.n_out // spec.width}, max_seq_len "
+            f"{_mlp(spec)} x{spec.mlp_up.n_out // spec.width}, max_seq_len "
             f"{spec.max_seq_len}\n- attention: {attn}\n- adapter: {a.input_kind} input of dim "
             f"{a.input_dim} -> {a.output_dim} output(s) per position")
 
@@ -117,6 +117,11 @@ def _fmt(v: Any) -> str:
         return f"{v:,}"
     return str(v)
 
+
+def _mlp(spec: Any) -> str:
+    """The MLP's family; ``up+down`` when its two halves differ."""
+    up, down = spec.mlp_up.family, spec.mlp_down.family
+    return up if up == down else f"{up}+{down}"
 
 
 __all__ = ["front_position", "model_card", "retrain_command"]

@@ -91,3 +91,15 @@ def test_family_label_unites_layers_and_names_block_diagonal_forms():
     block = {"kind": "general", "groups": [{"heads": 2, "levels": [{"score": {
         "block_diag": {"blocks": 4, "structure": {"low_rank": {"rank": 2}}}}}]}]}
     assert family_label(_model(block)) == "bilinear_block_low_rank"
+
+
+def test_a_split_mlp_is_described_by_both_halves():
+    from studies.descriptors import describe, model_label
+
+    spec = ModelSpec.from_dict({"width": 32, "depth": 1, "max_seq_len": 16,
+                                "attention": {"kind": "standard"},
+                                "mlp": {"up": {"btt": {"rank": 2}},
+                                        "down": {"low_rank": {"rank": 8}}}})
+    assert model_label(spec).endswith("/ mlp:btt+low_rank")
+    desc = describe(spec)
+    assert desc["mlp"] != desc["mlp_down"]
