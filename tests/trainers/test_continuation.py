@@ -16,13 +16,6 @@ from trainers.schedule import cooldown_steps
 FAST = TrainConfig(batch_size=8, eval_batches=1, threads=1)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def setup():
     spec = ModelSpec.from_dict({"width": 16, "depth": 1, "max_seq_len": 8,
                                 "attention": {"kind": "standard", "heads": 2}})

@@ -20,14 +20,6 @@ train_module = importlib.import_module("trainers.train")
 FAST = TrainConfig(batch_size=8, eval_batches=1, threads=1)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Training sets torch's (process-wide) thread count; put it back afterwards."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_spec(kind: str = "standard", width: int = 16, **attention) -> ModelSpec:
     return ModelSpec.from_dict({"width": width, "depth": 1,
                                 "attention": {"kind": kind, "heads": 2, **attention},
