@@ -280,6 +280,15 @@ def _try_plot(plot: Any, *args: Any) -> None:
         print(f"no plot {args[-1]}: {exc}", file=sys.stderr)
 
 
+def _save(plt, fig, ax, path: Path) -> None:
+    """Grid, legend, tight layout, then write ``path`` (PNG, 120 dpi) and free the figure."""
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _plt():
     import matplotlib
 
@@ -300,11 +309,7 @@ def _plot_curves(by: dict[str, list[dict]], path: Path, title: str) -> None:
     ax.axhline(0.1, color="gray", ls="--", lw=1)
     ax.set(xscale="log", ylim=(0, 1.2), xlabel="training FLOPs (non-embedding)",
            ylabel="squared error at the last point", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, ax, path)
 
 
 def _plot_front(trials: list[dict], front: list[dict], d: int, path: Path) -> None:
@@ -318,11 +323,7 @@ def _plot_front(trials: list[dict], front: list[dict], d: int, path: Path) -> No
             label="front")
     ax.set(xscale="log", xlabel="FLOPs per token", ylabel="validation loss",
            title="Rediscovery search: loss against FLOPs")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, ax, path)
 
 
 def _plot_language(cells: dict[tuple[str, float], list[float]], path: Path) -> None:
@@ -336,11 +337,7 @@ def _plot_language(cells: dict[tuple[str, float], list[float]], path: Path) -> N
                 label=fam)
     ax.set(xscale="log", xlabel="training FLOPs", ylabel="validation bits per byte",
            title="Byte-level LM: loss against compute")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, ax, path)
 
 
 def report(results: dict[str, dict], out: Path, args: Any) -> str:
