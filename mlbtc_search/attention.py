@@ -48,6 +48,22 @@ class BilinearFeatures(nn.Module):
                     ids[which].append(len(self.cores))
                     self.cores.append(p)
             self._index.append(ids)
+        # every side one dense (D x w) core: all levels' q and k features in one GEMM
+        dense = [[self._dense_core(side, ids[w]) for (*sides, _), ids in
+                  zip(self.sides, self._index, strict=True) for side in [sides[w]]]
+                 for w in (0, 1)]
+        self._dense = dense if all(d is not None for part in dense for d in part) else None
+
+    @staticmethod
+    def _dense_core(side: Side, ids: list[int]) -> tuple[int, bool] | None:
+        """(core id, stored as (w, D)) when ``side`` maps x by one dense D x w core, else None."""
+        if side.blocks != 1 or len(side.steps) != 1 or len(side.start) != 1 or \
+                len(side.cut) != 1:
+            return None
+        axes = side.btc.cores[side.steps[0].core]
+        if len(axes) != 2 or set(axes) != {side.start[0], side.cut[0]}:
+            return None
+        return ids[0], axes[0] == side.cut[0]
 
     def mup_cores(self) -> list[tuple[str, int, int]]:
         return self._mup
@@ -84,9 +100,23 @@ class BilinearFeatures(nn.Module):
         order = [axes.index(a) for a in ["_N", "_H", "_K", *side.cut]]
         return t.permute(order).reshape(N, h, -1)  # (N, h, k * cut width)
 
+    def _dense_forward(self, x2: Tensor) -> Tensor:
+        """(N, 2, h, W): q and k features of every level from one (D, 2 h W) matrix, the same
+        multiply-accumulates as one GEMM per level and side (x is read once, not 2 x levels)."""
+        mats = []
+        for part in self._dense:
+            ws = [self._weight(i)[:, 0].transpose(1, 2) if wd else self._weight(i)[:, 0]
+                  for i, wd in part]  # (h, D, w_l) each
+            mats.append(ws[0] if len(ws) == 1 else torch.cat(ws, dim=-1))  # (h, D, W)
+        w = torch.stack(mats).permute(2, 0, 1, 3)  # (D, 2, h, W)
+        return (x2 @ w.reshape(w.shape[0], -1)).view(x2.shape[0], 2, self.heads, -1)
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         B, T, D = x.shape
         x2 = x.reshape(B * T, D)
+        if self._dense is not None:
+            qk = self._dense_forward(x2)  # (B*T, 2, h, W)
+            return tuple(qk[:, i].view(B, T, self.heads, -1).transpose(1, 2) for i in (0, 1))
         qs, ks = [], []
         for (q_side, k_side, _), (q_ids, k_ids) in zip(self.sides, self._index, strict=True):
             qs.append(self._side(x2, q_side, q_ids))

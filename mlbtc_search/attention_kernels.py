@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import attention_cpu
 from .attention_flex import (
     flex_multilevel_attention,
     flex_runs,
@@ -180,6 +181,15 @@ def _operands(q: Tensor, k: Tensor, v: Tensor, r: Region) -> tuple[Tensor, Tenso
     )
 
 
+def _views(q: Tensor, k: Tensor, v: Tensor, r: Region) -> tuple[Tensor, Tensor, Tensor]:
+    """(q_r, k_r, v_r) as (B, H, nblk, rows, width) views (the fused C++ kernel's operands)."""
+    return (
+        _rows(q, r, r.q_off, r.q_len)[..., : r.prefix],
+        _rows(k, r, r.k_off, r.k_len)[..., : r.prefix],
+        _rows(v, r, r.k_off, r.k_len),
+    )
+
+
 def _put(dst: Tensor, src: Tensor, first: bool) -> None:
     """``dst = src`` on the first (covering) pass, else ``dst += src``."""
     if first:
@@ -217,7 +227,15 @@ class _RegionAttention(torch.autograd.Function):
         acc = torch.promote_types(q.dtype, torch.float32)
         out = q.new_empty(B, H, T, dv, dtype=acc)
         lse = q.new_empty(B, H, T, dtype=acc)
+        native = attention_cpu.usable(q, k, v)
+        if native:  # its operands need unit stride on the feature dim
+            q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         for r in regions:
+            if native and not fused(r.prefix, dv):  # fused C++ rectangle, merged in place
+                attention_cpu.attend_merge(*_views(q, k, v, r), _rows(out, r, r.q_off, r.q_len),
+                                           _rows(lse, r, r.q_off, r.q_len), r.causal, r.scale,
+                                           r.diagonal)
+                continue
             o_r, l_r = _attend(*_operands(q, k, v, r), r.causal, None, r.scale)
             o_r = o_r.reshape(B, H, r.nblk, r.q_len, dv)  # (B, H, nblk, q_len, dv)
             l_r = l_r.reshape(B, H, r.nblk, r.q_len)  # (B, H, nblk, q_len)
@@ -235,8 +253,17 @@ class _RegionAttention(torch.autograd.Function):
         B, H = q.shape[:2]
         dv = v.shape[-1]
         dq, dk, dvv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        grad_out = grad_out.to(q.dtype)
+        grad_out = grad_out.to(q.dtype).contiguous()
+        native = attention_cpu.usable(q, k, v)
         for r in ctx.regions:
+            if native and not fused(r.prefix, dv):
+                p, rows = r.prefix, _rows
+                attention_cpu.attend_backward(
+                    rows(grad_out, r, r.q_off, r.q_len), *_views(q, k, v, r),
+                    rows(out, r, r.q_off, r.q_len), rows(lse, r, r.q_off, r.q_len),
+                    rows(dq, r, r.q_off, r.q_len)[..., :p], rows(dk, r, r.k_off, r.k_len)[..., :p],
+                    rows(dvv, r, r.k_off, r.k_len), r.causal, r.scale, r.diagonal)
+                continue
             qr, kr, vr = _operands(q, k, v, r)
             go_r = _take(grad_out, r, r.q_off, r.q_len, dv)
             o_r = _take(out, r, r.q_off, r.q_len, dv)

@@ -89,7 +89,10 @@ def flop_counter() -> FlopCounterMode:
             model(x).sum().backward()
         counter.get_flop_counts()["Global"]
     """
-    return FlopCounterMode(display=False, custom_mapping=CUSTOM_FLOP_FORMULAS)
+    from . import attention_cpu  # the fused C++ attention kernel's ops (when it is built)
+
+    custom = {**CUSTOM_FLOP_FORMULAS, **attention_cpu.flop_formulas()}
+    return FlopCounterMode(display=False, custom_mapping=custom)
 
 
 def count_flops(fn: Callable[[], Any]) -> int:

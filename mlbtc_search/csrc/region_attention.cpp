@@ -1,0 +1,301 @@
+// Fused CPU kernel: one batched attention rectangle at its own widths (attention_cpu.py).
+//
+// q, k: (B, H, N, Lq|Lk, E), v: (B, H, N, Lk, Ev) (N blocks per head); any strides with unit
+// stride on the last dim, so the region views of attention_kernels (rows of blocks, prefix
+// features) need no copy. Flash style:
+// tiles of BQ queries x BK keys, scores in a cache-sized buffer, online softmax, P V accumulated
+// into a tile accumulator; nothing T x T. The rectangle is computed whole (a causal rectangle is
+// masked, not skipped: attention_regions charges the unfused path the whole rectangle).
+//
+// forward: merges the rectangle's (output, log-sum-exp) into out (B, H, N, Lq, Ev) and
+//   lse (B, H, N, Lq) in place (first: writes them), i.e. attention_kernels.merge_into fused.
+// backward: with the merged out and lse of the query rows, this rectangle's share of dQ, dK, dV,
+//   written (first) or added into dq, dk, dv (strided views of the full gradients).
+//
+// GEMMs go to the BLAS torch links (sgemm_/dgemm_, MKL on x86 wheels), small ones to plain loops.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*,
+            const float*, const int*, const float*, const int*, const float*, float*, const int*);
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
+            const double*, const int*, const double*, const int*, const double*, double*,
+            const int*);
+}
+
+namespace {
+
+constexpr int64_t BQ = 256;  // query rows per tile
+constexpr int64_t BK = 512;  // keys per tile
+constexpr int64_t SMALL = 32 * 32 * 32;  // below this many multiply-adds: plain loops
+
+inline void blas(char ta, char tb, int m, int n, int k, float alpha, const float* a, int lda,
+                 const float* b, int ldb, float beta, float* c, int ldc) {
+  sgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+inline void blas(char ta, char tb, int m, int n, int k, double alpha, const double* a, int lda,
+                 const double* b, int ldb, double beta, double* c, int ldc) {
+  dgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+
+// Row-major C (M x N, ldc) = alpha op(A) op(B) + beta C, op by ta/tb ('N' or 'T'); A is M x K
+// (or K x M when 'T'), B is K x N (or N x K). beta is 0 or 1.
+template <typename T>
+void gemm(char ta, char tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
+          const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    if (beta == T(0))
+      for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, T(0));
+    return;
+  }
+  if (M * N * K >= SMALL) {
+    // row-major C = op(A) op(B)  <=>  column-major C^T = op(B)^T op(A)^T
+    blas(tb, ta, (int)N, (int)M, (int)K, alpha, B, (int)std::max<int64_t>(ldb, 1), A,
+         (int)std::max<int64_t>(lda, 1), beta, C, (int)std::max<int64_t>(ldc, 1));
+    return;
+  }
+  for (int64_t i = 0; i < M; ++i) {
+    T* c = C + i * ldc;
+    if (beta == T(0)) std::fill(c, c + N, T(0));
+    if (tb == 'T') {  // c[j] += alpha * sum_p a(i,p) B[j,p]
+      for (int64_t j = 0; j < N; ++j) {
+        const T* b = B + j * ldb;
+        T acc = 0;
+        if (ta == 'N') {
+          const T* a = A + i * lda;
+          for (int64_t p = 0; p < K; ++p) acc += a[p] * b[p];
+        } else {
+          for (int64_t p = 0; p < K; ++p) acc += A[p * lda + i] * b[p];
+        }
+        c[j] += alpha * acc;
+      }
+    } else {  // c += alpha * sum_p a(i,p) B[p,:]
+      for (int64_t p = 0; p < K; ++p) {
+        T a = alpha * (ta == 'N' ? A[i * lda + p] : A[p * lda + i]);
+        const T* b = B + p * ldb;
+        for (int64_t j = 0; j < N; ++j) c[j] += a * b[j];
+      }
+    }
+  }
+}
+
+struct View {  // a (B, H, N, L, C) view, unit stride on C; batch item m = (b * H + h) * N + n
+  int64_t H, N, sb, sh, sn, sl;
+  template <typename T>
+  T* at(T* base, int64_t m, int64_t l) const {
+    const int64_t n = m % N, h = (m / N) % H, b = m / (N * H);
+    return base + b * sb + h * sh + n * sn + l * sl;
+  }
+};
+
+View view(const at::Tensor& t) {  // also (B, H, N, L) for the log-sum-exp
+  return {t.size(1), t.size(2), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+template <typename T>
+void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                  at::Tensor& lse, bool causal, double scale_d, bool first) {
+  const int64_t items = q.size(0) * q.size(1) * q.size(2), Lq = q.size(3), E = q.size(4);
+  const int64_t Lk = k.size(3), Ev = v.size(4);
+  const View vq = view(q), vk = view(k), vv = view(v), vo = view(out), vl = view(lse);
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  T* lp = lse.data_ptr<T>();
+  const T scale = static_cast<T>(scale_d);
+  const int64_t qtiles = (Lq + BQ - 1) / BQ;
+  const T ninf = std::numeric_limits<T>::lowest();  // finite: built with -ffast-math
+  at::parallel_for(0, items * qtiles, 1, [&](int64_t begin, int64_t end) {
+    const int64_t bq = std::min(BQ, Lq);
+    std::vector<T> s(bq * std::min(BK, Lk)), acc(bq * Ev), mx(bq), sum(bq);
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t m = w / qtiles, i0 = (w % qtiles) * BQ;
+      const int64_t nq = std::min(BQ, Lq - i0);
+      const T* Q = vq.at(qp, m, i0);
+      std::fill(mx.begin(), mx.begin() + nq, ninf);
+      std::fill(sum.begin(), sum.begin() + nq, T(0));
+      std::fill(acc.begin(), acc.begin() + nq * Ev, T(0));
+      for (int64_t j0 = 0; j0 < Lk; j0 += BK) {
+        const int64_t nk = std::min(BK, Lk - j0);
+        const T* Kt = vk.at(kp, m, j0);
+        gemm<T>('N', 'T', nq, nk, E, scale, Q, vq.sl, Kt, vk.sl, T(0), s.data(), nk);
+        for (int64_t i = 0; i < nq; ++i) {
+          T* row = s.data() + i * nk;
+          if (causal)
+            for (int64_t j = std::max<int64_t>(0, i0 + i + 1 - j0); j < nk; ++j) row[j] = ninf;
+          T rmax = mx[i];
+          for (int64_t j = 0; j < nk; ++j) rmax = std::max(rmax, row[j]);
+          if (rmax == ninf) {  // every key so far masked for this row: no weight
+            std::fill(row, row + nk, T(0));
+            continue;
+          }
+          const T alpha = std::exp(mx[i] - rmax);  // 0 on the first tile (mx = -inf)
+          T rs = 0;
+          for (int64_t j = 0; j < nk; ++j) {
+            row[j] = std::exp(row[j] - rmax);
+            rs += row[j];
+          }
+          sum[i] = sum[i] * alpha + rs;
+          mx[i] = rmax;
+          if (alpha != T(1)) {
+            T* a = acc.data() + i * Ev;
+            for (int64_t e = 0; e < Ev; ++e) a[e] *= alpha;
+          }
+        }
+        gemm<T>('N', 'N', nq, Ev, nk, T(1), s.data(), nk, vv.at(vp, m, j0), vv.sl, T(1),
+                acc.data(), Ev);
+      }
+      for (int64_t i = 0; i < nq; ++i) {
+        T* o = vo.at(op, m, i0 + i);
+        T* l = vl.at(lp, m, i0 + i);
+        const T* a = acc.data() + i * Ev;
+        const T lr = mx[i] + std::log(sum[i]);
+        if (first) {
+          const T inv = T(1) / sum[i];
+          for (int64_t e = 0; e < Ev; ++e) o[e] = a[e] * inv;
+          *l = lr;
+        } else {  // exact merge over disjoint keys: new = logaddexp(l, lr)
+          const T hi = std::max(*l, lr);
+          const T nw = hi + std::log(std::exp(*l - hi) + std::exp(lr - hi));
+          const T keep = std::exp(*l - nw), add = std::exp(lr - nw) / sum[i];
+          for (int64_t e = 0; e < Ev; ++e) o[e] = o[e] * keep + a[e] * add;
+          *l = nw;
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void zero_rows(T* base, int64_t rows, int64_t ld, int64_t width) {
+  for (int64_t r = 0; r < rows; ++r) std::fill(base + r * ld, base + r * ld + width, T(0));
+}
+
+template <typename T>
+void backward_impl(const at::Tensor& go, const at::Tensor& q, const at::Tensor& k,
+                   const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                   at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, bool causal, double scale_d,
+                   bool first) {
+  const int64_t items = q.size(0) * q.size(1) * q.size(2), Lq = q.size(3), E = q.size(4);
+  const int64_t Lk = k.size(3), Ev = v.size(4);
+  const View vq = view(q), vk = view(k), vv = view(v), vo = view(out), vg = view(go);
+  const View vdq = view(dq), vdk = view(dk), vdv = view(dv), vl = view(lse);
+  const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
+  const T *op = out.data_ptr<T>(), *gp = go.data_ptr<T>(), *lp = lse.data_ptr<T>();
+  T *dqp = dq.data_ptr<T>(), *dkp = dk.data_ptr<T>(), *dvp = dv.data_ptr<T>();
+  const T scale = static_cast<T>(scale_d);
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    const int64_t bk = std::min(BK, Lk);
+    const int64_t bq = std::min(BQ, Lq);
+    std::vector<T> p(bq * bk), ds(bq * bk), delta(bq);
+    for (int64_t m = begin; m < end; ++m) {
+      T* DQ = vdq.at(dqp, m, 0);
+      T* DK = vdk.at(dkp, m, 0);
+      T* DV = vdv.at(dvp, m, 0);
+      if (first) {
+        zero_rows(DQ, Lq, vdq.sl, E);
+        zero_rows(DK, Lk, vdk.sl, E);
+        zero_rows(DV, Lk, vdv.sl, Ev);
+      }
+      for (int64_t i0 = 0; i0 < Lq; i0 += BQ) {
+        const int64_t nq = std::min(BQ, Lq - i0);
+        const T* Q = vq.at(qp, m, i0);
+        const T* GO = vg.at(gp, m, i0);
+        for (int64_t i = 0; i < nq; ++i) {
+          const T* g = GO + i * vg.sl;
+          const T* o = vo.at(op, m, i0 + i);
+          T d = 0;
+          for (int64_t e = 0; e < Ev; ++e) d += g[e] * o[e];
+          delta[i] = d;
+        }
+        for (int64_t j0 = 0; j0 < Lk; j0 += BK) {
+          const int64_t nk = std::min(BK, Lk - j0);
+          const T* Kt = vk.at(kp, m, j0);
+          const T* Vt = vv.at(vp, m, j0);
+          gemm<T>('N', 'T', nq, nk, E, scale, Q, vq.sl, Kt, vk.sl, T(0), p.data(), nk);
+          for (int64_t i = 0; i < nq; ++i) {  // P = exp(S - lse): this rectangle's share
+            T* row = p.data() + i * nk;
+            const T l = *vl.at(lp, m, i0 + i);
+            const int64_t lim = causal ? std::clamp<int64_t>(i0 + i + 1 - j0, 0, nk) : nk;
+            for (int64_t j = 0; j < lim; ++j) row[j] = std::exp(row[j] - l);
+            for (int64_t j = lim; j < nk; ++j) row[j] = T(0);
+          }
+          // dV += P^T dO;  dP = dO V^T;  dS = P (dP - delta) scale;  dQ += dS K;  dK += dS^T Q
+          gemm<T>('T', 'N', nk, Ev, nq, T(1), p.data(), nk, GO, vg.sl, T(1),
+                  DV + j0 * vdv.sl, vdv.sl);
+          gemm<T>('N', 'T', nq, nk, Ev, T(1), GO, vg.sl, Vt, vv.sl, T(0), ds.data(), nk);
+          for (int64_t i = 0; i < nq; ++i) {
+            T* d = ds.data() + i * nk;
+            const T* pr = p.data() + i * nk;
+            for (int64_t j = 0; j < nk; ++j) d[j] = pr[j] * (d[j] - delta[i]) * scale;
+          }
+          gemm<T>('N', 'N', nq, E, nk, T(1), ds.data(), nk, Kt, vk.sl, T(1),
+                  DQ + i0 * vdq.sl, vdq.sl);
+          gemm<T>('T', 'N', nk, E, nq, T(1), ds.data(), nk, Q, vq.sl, T(1),
+                  DK + j0 * vdk.sl, vdk.sl);
+        }
+      }
+    }
+  });
+}
+
+void check(const at::Tensor& t, const char* name, int64_t dims) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(t.dim() == dims, name, " must have ", dims, " dims, got ", t.dim());
+  TORCH_CHECK(dims < 5 || t.size(4) <= 1 || t.stride(4) == 1, name,
+              " needs unit stride on its last dim");
+}
+
+void attend_merge(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor out,
+                  at::Tensor lse, bool causal, double scale, bool first) {
+  check(q, "q", 5); check(k, "k", 5); check(v, "v", 5); check(out, "out", 5); check(lse, "lse", 4);
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type() &&
+              q.scalar_type() == out.scalar_type() && q.scalar_type() == lse.scalar_type(),
+              "q, k, v, out, lse must share one dtype");
+  TORCH_CHECK(!causal || q.size(3) == k.size(3), "causal needs as many queries as keys");
+  if (q.scalar_type() == at::kFloat)
+    forward_impl<float>(q, k, v, out, lse, causal, scale, first);
+  else if (q.scalar_type() == at::kDouble)
+    forward_impl<double>(q, k, v, out, lse, causal, scale, first);
+  else
+    TORCH_CHECK(false, "attend_merge supports float32 and float64, got ", q.scalar_type());
+}
+
+void attend_backward(const at::Tensor& go, const at::Tensor& q, const at::Tensor& k,
+                     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                     at::Tensor dq, at::Tensor dk, at::Tensor dv, bool causal, double scale,
+                     bool first) {
+  check(go, "grad_out", 5); check(q, "q", 5); check(k, "k", 5); check(v, "v", 5);
+  check(out, "out", 5); check(lse, "lse", 4);
+  check(dq, "dq", 5); check(dk, "dk", 5); check(dv, "dv", 5);
+  TORCH_CHECK(!causal || q.size(3) == k.size(3), "causal needs as many queries as keys");
+  if (q.scalar_type() == at::kFloat)
+    backward_impl<float>(go, q, k, v, out, lse, dq, dk, dv, causal, scale, first);
+  else if (q.scalar_type() == at::kDouble)
+    backward_impl<double>(go, q, k, v, out, lse, dq, dk, dv, causal, scale, first);
+  else
+    TORCH_CHECK(false, "attend_backward supports float32 and float64, got ", q.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY(mlbtc, m) {
+  m.def("attend_merge(Tensor q, Tensor k, Tensor v, Tensor(a!) out, Tensor(b!) lse, bool causal, "
+        "float scale, bool first) -> ()");
+  m.def("attend_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, bool causal, float scale, bool first) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(mlbtc, CPU, m) {
+  m.impl("attend_merge", &attend_merge);
+  m.impl("attend_backward", &attend_backward);
+}
