@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import attention_kernels as K
@@ -94,11 +95,12 @@ class BilinearFeatures(nn.Module):
             keep = ["_N", "_H", "_K", *step.after]
             t, axes = contract(t, axes, self._weight(i), ["_H", "_K", *side.btc.cores[step.core]],
                                keep, sizes)
-        if "_H" not in axes:  # no cores on this side: the features are x itself
-            t = t.unsqueeze(1).expand(N, h, *t.shape[1:])
+        if "_H" not in axes:  # no cores on this side: the features are x itself, every head
+            t = t.unsqueeze(1)
             axes = ["_N", "_H", *axes[1:]]
         order = [axes.index(a) for a in ["_N", "_H", "_K", *side.cut]]
-        return t.permute(order).reshape(N, h, -1)  # (N, h, k * cut width)
+        heads = t.shape[axes.index("_H")]
+        return t.permute(order).reshape(N, heads, -1)  # (N, h or 1, k * cut width)
 
     def _dense_forward(self, x2: Tensor) -> Tensor:
         """(N, 2, h, W): q and k features of every level from one (D, 2 h W) matrix, the same
@@ -111,21 +113,32 @@ class BilinearFeatures(nn.Module):
         w = torch.stack(mats).permute(2, 0, 1, 3)  # (D, 2, h, W)
         return (x2 @ w.reshape(w.shape[0], -1)).view(x2.shape[0], 2, self.heads, -1)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def token_major(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """q and k features as (B, T, h, W), in the memory order they are computed in; a side
+        without cores (its features are x itself for every head) gives (B, T, 1, W)."""
         B, T, D = x.shape
         x2 = x.reshape(B * T, D)
         if self._dense is not None:
             qk = self._dense_forward(x2)  # (B*T, 2, h, W)
-            return tuple(qk[:, i].view(B, T, self.heads, -1).transpose(1, 2) for i in (0, 1))
+            return tuple(t.view(B, T, self.heads, -1) for t in qk.unbind(1))  # no zero-fills
         qs, ks = [], []
         for (q_side, k_side, _), (q_ids, k_ids) in zip(self.sides, self._index, strict=True):
             qs.append(self._side(x2, q_side, q_ids))
             ks.append(self._side(x2, k_side, k_ids))
-        q, k = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)  # no copy for one
-                for parts in (qs, ks))
-        q = q.view(B, T, self.heads, -1).transpose(1, 2)  # (B, h, T, W)
-        k = k.view(B, T, self.heads, -1).transpose(1, 2)
-        return q, k
+        out = []
+        for parts in (qs, ks):
+            if len(parts) > 1:  # levels of one head: every part per head before the concat
+                heads = max(p.shape[1] for p in parts)
+                parts = [p.expand(-1, heads, -1) for p in parts]
+            t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)  # no copy for one
+            out.append(t.view(B, T, t.shape[1], -1))
+        return out[0], out[1]
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """q and k features, (B, h, T, W) each (views of ``token_major``'s)."""
+        q, k = self.token_major(x)
+        B, T = x.shape[:2]
+        return tuple(t.expand(B, T, self.heads, -1).transpose(1, 2) for t in (q, k))
 
 
 class _Norms(nn.Module):
@@ -184,6 +197,14 @@ class Attention(nn.Module):
             setattr(self, f"scale{i}", torch.tensor(scales, dtype=buf.dtype, device=buf.device))
         return out
 
+    def _norm_scale(self, g: int, q: Tensor) -> Tensor:
+        """q_norm(q) * scale; with one LayerNorm the scales fold into its weight (one pass)."""
+        norm = self.q_norm[g]
+        if type(norm) is nn.LayerNorm:
+            w = norm.weight * self._scale(g)
+            return F.layer_norm(q, norm.normalized_shape, w, None, norm.eps)
+        return norm(q) * self._scale(g)
+
     def qkv(self, x: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
         """Scaled, normalized (q, k) features and the values of each head group."""
         B, T, D = x.shape
@@ -191,10 +212,11 @@ class Attention(nn.Module):
         out = []
         h0 = 0
         for g, f in enumerate(self.features):
-            q, k = f(x)  # (B, h, T, W) each
-            q = self.q_norm[g](q) * self._scale(g)
+            q, k = f.token_major(x)  # (B, T, h or 1, W): norms and scales need no transpose
+            q = self._norm_scale(g, q)
             k = self.k_norm[g](k)
             h = f.heads
+            q, k = (t.expand(B, T, h, -1).transpose(1, 2) for t in (q, k))  # (B, h, T, W)
             out.append((q, k, v[:, h0:h0 + h]))
             h0 += h
         return out

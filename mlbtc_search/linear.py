@@ -210,6 +210,40 @@ class _BTT(torch.autograd.Function):
         return gx, gR, gL, None
 
 
+def _gemm_ready(x: Tensor) -> Tensor:
+    """A (nb, n, m) tensor that BLAS reads in place: ``x`` when a matrix dim has unit stride,
+    else one copy with m innermost and the other two dims in ``x``'s own memory order, so the
+    copy reads memory nearly in order (for the transposes between BTT cores: per row a small
+    block transposed in cache, 3x faster than a batch-major ``contiguous()``)."""
+    if x.stride(-1) == 1 or x.stride(-2) == 1 or x.shape[-1] == 1 or x.shape[-2] == 1:
+        return x
+    order = sorted((0, 1), key=lambda d: -x.stride(d)) + [2]
+    inverse = [order.index(d) for d in range(3)]
+    return x.permute(order).contiguous().permute(inverse)
+
+
+class _BMM(torch.autograd.Function):
+    """``torch.bmm`` whose operands and output gradient are first made BLAS-ready
+    (``_gemm_ready``): autograd's own bmm copies every batch matrix of a gradient that has no
+    unit stride on its own, measured 0.9 s of 2.1 s in a bilinear BTT layer. Same three bmm
+    calls (so the FLOP counter sees the same multiply-accumulates)."""
+
+    @staticmethod
+    def forward(ctx, lhs: Tensor, rhs: Tensor) -> Tensor:
+        lhs, rhs = _gemm_ready(lhs), _gemm_ready(rhs)
+        ctx.save_for_backward(lhs, rhs)
+        return torch.bmm(lhs, rhs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        lhs, rhs = ctx.saved_tensors
+        grad = _gemm_ready(grad)
+        g_lhs = torch.bmm(grad, rhs.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+        g_rhs = torch.bmm(lhs.transpose(1, 2), grad) if ctx.needs_input_grad[1] else None
+        return g_lhs, g_rhs
+
+
 def contract(t: Tensor, t_axes: list[str], w: Tensor, w_axes: list[str], keep: list[str],
              sizes: dict[str, int]) -> tuple[Tensor, list[str]]:
     """One pairwise contraction as exactly one ``torch.bmm`` (also for size-1 contractions, so
@@ -229,7 +263,7 @@ def contract(t: Tensor, t_axes: list[str], w: Tensor, w_axes: list[str], keep: l
     nc = math.prod(sizes[a] for a in cols)
     lhs = t.permute([t_axes.index(a) for a in batch + rows + summed]).reshape(nb, nr, ns)
     rhs = w.permute([w_axes.index(a) for a in batch + summed + cols]).reshape(nb, ns, nc)
-    out = torch.bmm(lhs, rhs)  # (batch, rows, cols)
+    out = _BMM.apply(lhs, rhs)  # (batch, rows, cols)
     names = batch + rows + cols
     return out.reshape([sizes[a] for a in names]), names
 
