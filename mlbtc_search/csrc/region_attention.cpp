@@ -116,7 +116,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const T ninf = std::numeric_limits<T>::lowest();  // finite: built with -ffast-math
   at::parallel_for(0, items * qtiles, 1, [&](int64_t begin, int64_t end) {
     const int64_t bq = std::min(BQ, Lq);
-    std::vector<T> s(bq * std::min(BK, Lk)), acc(bq * Ev), mx(bq), sum(bq);
+    std::vector<T> s(bq * std::min(BK, Lk)), acc(bq * Ev), mx(bq), sum(bq), alpha(bq);
     for (int64_t w = begin; w < end; ++w) {
       const int64_t m = w / qtiles, i0 = (w % qtiles) * BQ;
       const int64_t nq = std::min(BQ, Lq - i0);
@@ -128,27 +128,28 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         const int64_t nk = std::min(BK, Lk - j0);
         const T* Kt = vk.at(kp, m, j0);
         gemm<T>('N', 'T', nq, nk, E, scale, Q, vq.sl, Kt, vk.sl, T(0), s.data(), nk);
+        // online softmax: per-row max and shift, then one exp over the whole tile (vectorized
+        // also when rows are short), then per-row sums and rescales of the accumulator
         for (int64_t i = 0; i < nq; ++i) {
           T* row = s.data() + i * nk;
           if (causal)
             for (int64_t j = std::max<int64_t>(0, i0 + i + 1 - j0); j < nk; ++j) row[j] = ninf;
           T rmax = mx[i];
           for (int64_t j = 0; j < nk; ++j) rmax = std::max(rmax, row[j]);
-          if (rmax == ninf) {  // every key so far masked for this row: no weight
-            std::fill(row, row + nk, T(0));
-            continue;
-          }
-          const T alpha = std::exp(mx[i] - rmax);  // 0 on the first tile (mx = -inf)
-          T rs = 0;
-          for (int64_t j = 0; j < nk; ++j) {
-            row[j] = std::exp(row[j] - rmax);
-            rs += row[j];
-          }
-          sum[i] = sum[i] * alpha + rs;
+          alpha[i] = rmax == ninf ? T(1) : std::exp(mx[i] - rmax);  // 0 on the first tile
           mx[i] = rmax;
-          if (alpha != T(1)) {
+          for (int64_t j = 0; j < nk; ++j) row[j] = rmax == ninf ? ninf : row[j] - rmax;
+        }
+        T* sp = s.data();
+        for (int64_t t = 0; t < nq * nk; ++t) sp[t] = std::exp(sp[t]);  // masked: exp(lowest) = 0
+        for (int64_t i = 0; i < nq; ++i) {
+          const T* row = sp + i * nk;
+          T rs = 0;
+          for (int64_t j = 0; j < nk; ++j) rs += row[j];
+          sum[i] = sum[i] * alpha[i] + rs;
+          if (j0 > 0 && alpha[i] != T(1)) {
             T* a = acc.data() + i * Ev;
-            for (int64_t e = 0; e < Ev; ++e) a[e] *= alpha;
+            for (int64_t e = 0; e < Ev; ++e) a[e] *= alpha[i];
           }
         }
         gemm<T>('N', 'N', nq, Ev, nk, T(1), s.data(), nk, vv.at(vp, m, j0), vv.sl, T(1),
@@ -176,11 +177,6 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 }
 
 template <typename T>
-void zero_rows(T* base, int64_t rows, int64_t ld, int64_t width) {
-  for (int64_t r = 0; r < rows; ++r) std::fill(base + r * ld, base + r * ld + width, T(0));
-}
-
-template <typename T>
 void backward_impl(const at::Tensor& go, const at::Tensor& q, const at::Tensor& k,
                    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                    at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, bool causal, double scale_d,
@@ -201,11 +197,6 @@ void backward_impl(const at::Tensor& go, const at::Tensor& q, const at::Tensor& 
       T* DQ = vdq.at(dqp, m, 0);
       T* DK = vdk.at(dkp, m, 0);
       T* DV = vdv.at(dvp, m, 0);
-      if (first) {
-        zero_rows(DQ, Lq, vdq.sl, E);
-        zero_rows(DK, Lk, vdk.sl, E);
-        zero_rows(DV, Lk, vdv.sl, Ev);
-      }
       for (int64_t i0 = 0; i0 < Lq; i0 += BQ) {
         const int64_t nq = std::min(BQ, Lq - i0);
         const T* Q = vq.at(qp, m, i0);
@@ -226,11 +217,15 @@ void backward_impl(const at::Tensor& go, const at::Tensor& q, const at::Tensor& 
             T* row = p.data() + i * nk;
             const T l = *vl.at(lp, m, i0 + i);
             const int64_t lim = causal ? std::clamp<int64_t>(i0 + i + 1 - j0, 0, nk) : nk;
-            for (int64_t j = 0; j < lim; ++j) row[j] = std::exp(row[j] - l);
-            for (int64_t j = lim; j < nk; ++j) row[j] = T(0);
+            for (int64_t j = 0; j < lim; ++j) row[j] -= l;
+            for (int64_t j = lim; j < nk; ++j) row[j] = std::numeric_limits<T>::lowest();
           }
+          T* pp = p.data();
+          for (int64_t t = 0; t < nq * nk; ++t) pp[t] = std::exp(pp[t]);  // one vectorized pass
           // dV += P^T dO;  dP = dO V^T;  dS = P (dP - delta) scale;  dQ += dS K;  dK += dS^T Q
-          gemm<T>('T', 'N', nk, Ev, nq, T(1), p.data(), nk, GO, vg.sl, T(1),
+          // first: the first q tile writes dK, dV rows and the first kv tile dQ rows (beta 0)
+          const T bkv = first && i0 == 0 ? T(0) : T(1), bq_ = first && j0 == 0 ? T(0) : T(1);
+          gemm<T>('T', 'N', nk, Ev, nq, T(1), p.data(), nk, GO, vg.sl, bkv,
                   DV + j0 * vdv.sl, vdv.sl);
           gemm<T>('N', 'T', nq, nk, Ev, T(1), GO, vg.sl, Vt, vv.sl, T(0), ds.data(), nk);
           for (int64_t i = 0; i < nq; ++i) {
@@ -238,9 +233,9 @@ void backward_impl(const at::Tensor& go, const at::Tensor& q, const at::Tensor& 
             const T* pr = p.data() + i * nk;
             for (int64_t j = 0; j < nk; ++j) d[j] = pr[j] * (d[j] - delta[i]) * scale;
           }
-          gemm<T>('N', 'N', nq, E, nk, T(1), ds.data(), nk, Kt, vk.sl, T(1),
+          gemm<T>('N', 'N', nq, E, nk, T(1), ds.data(), nk, Kt, vk.sl, bq_,
                   DQ + i0 * vdq.sl, vdq.sl);
-          gemm<T>('T', 'N', nk, E, nq, T(1), ds.data(), nk, Q, vq.sl, T(1),
+          gemm<T>('T', 'N', nk, E, nq, T(1), ds.data(), nk, Q, vq.sl, bkv,
                   DK + j0 * vdk.sl, vdk.sl);
         }
       }
