@@ -91,10 +91,11 @@ class BilinearFeatures(nn.Module):
         sizes = {**side.btc.sizes, "_N": N, "_H": h, "_K": k}
         axes = ["_N", "_K", *side.start]
         t = x.reshape([sizes[a] for a in axes])  # (N, k, *start axes)
-        for step, i in zip(side.steps, ids, strict=True):
+        last = len(side.steps) - 1
+        for n, (step, i) in enumerate(zip(side.steps, ids, strict=True)):
             keep = ["_N", "_H", "_K", *step.after]
             t, axes = contract(t, axes, self._weight(i), ["_H", "_K", *side.btc.cores[step.core]],
-                               keep, sizes)
+                               keep, sizes, rows_first=n == last)  # tokens outermost at the end
         if "_H" not in axes:  # no cores on this side: the features are x itself, every head
             t = t.unsqueeze(1)
             axes = ["_N", "_H", *axes[1:]]

@@ -229,10 +229,15 @@ class _BMM(torch.autograd.Function):
     calls (so the FLOP counter sees the same multiply-accumulates)."""
 
     @staticmethod
-    def forward(ctx, lhs: Tensor, rhs: Tensor) -> Tensor:
+    def forward(ctx, lhs: Tensor, rhs: Tensor, rows_first: bool) -> Tensor:
         lhs, rhs = _gemm_ready(lhs), _gemm_ready(rhs)
         ctx.save_for_backward(lhs, rhs)
-        return torch.bmm(lhs, rhs)
+        if not rows_first:
+            return torch.bmm(lhs, rhs)
+        # the result in (rows, batch, cols) memory order: bmm writes it in place (each batch
+        # item is row-major with a longer row stride)
+        out = lhs.new_empty(lhs.shape[1], lhs.shape[0], rhs.shape[2]).transpose(0, 1)
+        return torch.bmm(lhs, rhs, out=out)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -241,13 +246,15 @@ class _BMM(torch.autograd.Function):
         grad = _gemm_ready(grad)
         g_lhs = torch.bmm(grad, rhs.transpose(1, 2)) if ctx.needs_input_grad[0] else None
         g_rhs = torch.bmm(lhs.transpose(1, 2), grad) if ctx.needs_input_grad[1] else None
-        return g_lhs, g_rhs
+        return g_lhs, g_rhs, None
 
 
 def contract(t: Tensor, t_axes: list[str], w: Tensor, w_axes: list[str], keep: list[str],
-             sizes: dict[str, int]) -> tuple[Tensor, list[str]]:
+             sizes: dict[str, int], rows_first: bool = False) -> tuple[Tensor, list[str]]:
     """One pairwise contraction as exactly one ``torch.bmm`` (also for size-1 contractions, so
-    the FLOP counter sees every multiply-accumulate of the plan).
+    the FLOP counter sees every multiply-accumulate of the plan). ``rows_first``: the result is
+    laid out rows-major in memory (its shape and names are the same), for a caller that wants
+    the rows outermost next (one token's features together).
 
     Axes in both operands and in ``keep`` are batch axes; in both but not kept are contracted;
     the rest are kept rows (from ``t``) or columns (from ``w``). Returns the result over
@@ -263,7 +270,7 @@ def contract(t: Tensor, t_axes: list[str], w: Tensor, w_axes: list[str], keep: l
     nc = math.prod(sizes[a] for a in cols)
     lhs = t.permute([t_axes.index(a) for a in batch + rows + summed]).reshape(nb, nr, ns)
     rhs = w.permute([w_axes.index(a) for a in batch + summed + cols]).reshape(nb, ns, nc)
-    out = _BMM.apply(lhs, rhs)  # (batch, rows, cols)
+    out = _BMM.apply(lhs, rhs, rows_first)  # (batch, rows, cols)
     names = batch + rows + cols
     return out.reshape([sizes[a] for a in names]), names
 

@@ -219,6 +219,7 @@ def run_search(space: SearchSpace, storage_url: str | None = None, address: str 
         started_ray = False
         try:
             if not complete and not stop.requested:
+                _build_cpu_kernel()
                 started_ray = connect_ray(space, address)
                 _check_gpus(space)
             kind: type[_Run] = _Run
@@ -234,6 +235,14 @@ def run_search(space: SearchSpace, storage_url: str | None = None, address: str 
 
                 ray.shutdown()
     return run.outcome(complete)
+
+
+def _build_cpu_kernel() -> None:
+    """Compile the fused CPU attention kernel here, once (it says so), before the workers
+    start: they load the cached build instead of compiling it concurrently and silently."""
+    from mlbtc_search import attention_cpu
+
+    attention_cpu.available()
 
 
 def trained_so_far(url: str, name: str) -> int | None:
