@@ -21,9 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mlbtc_search import attention_cpu
 from mlbtc_search.attention import Attention
 from mlbtc_search.attention_spec import AttentionSpec
 from mlbtc_search.flopcount import count_flops
+from mlbtc_search.malloc import reuse_freed_memory
 
 
 class PlainSDPA(nn.Module):
@@ -71,9 +73,13 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="keep glibc's default mmap thresholds (trainers raise them on CPU: "
+                         "mlbtc_search/malloc.py); both apply to every layer alike")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    tuned = not args.default_malloc and reuse_freed_memory()
     torch.manual_seed(0)
     T, D, H = args.T, args.width, args.heads
     levels = 8
@@ -107,7 +113,9 @@ def main() -> int:
     print(f"attention layers, T={T}, width {D}, {H} heads, batch {args.batch}, fp32, "
           f"forward+backward, {torch.get_num_threads()} threads, device {args.device}, "
           f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (1/5/15 min; "
-          f"{os.cpu_count()} CPUs), best of {args.rounds} rounds of medians")
+          f"{os.cpu_count()} CPUs), best of {args.rounds} rounds of medians, malloc "
+          f"{'keeps freed memory (as in training)' if tuned else 'glibc default'}, fused CPU "
+          f"kernel {'on' if attention_cpu.available() else 'off'}")
     print(f"{'layer':<36}{'ms':>9}{'x baseline':>12}{'fwd+bwd FLOPs/token':>21}"
           f"{'FLOP ratio':>12}{'time/FLOP ratio':>17}")
     b_ms, b_fl = ms[modules[0][0]], flops[modules[0][0]]

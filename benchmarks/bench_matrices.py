@@ -6,7 +6,9 @@ deliberately naive BTT (two bmm with an explicit contiguous permute copy around 
 backward, as einsum-search does) as a reference row. Achieved GFLOP/s =
 ``flops(spec) * rows * 3`` (forward + backward, checked once against FlopCounterMode) / median
 time; the ratio is to dense ``nn.Linear``'s GFLOP/s in the same run. Rows of one width are timed
-round-robin, so load that drifts during the run hits every row alike.
+round-robin, so load that drifts during the run hits every row alike. Freed memory is kept
+for reuse as training does on CPU (``mlbtc_search/malloc.py``; ``--default-malloc`` measures
+glibc's default, under which every fresh intermediate page-faults).
 
     python benchmarks/bench_matrices.py                 # D in {1024, 4096}, 4096 rows, fp32, CPU
     python benchmarks/bench_matrices.py --sizes 1024 --repeats 3
@@ -26,6 +28,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from mlbtc_search import MatrixSpec, compile_matrix, flops
 from mlbtc_search.flopcount import flop_counter
+from mlbtc_search.malloc import reuse_freed_memory
 
 
 class _NaiveBTTFunction(torch.autograd.Function):
@@ -102,7 +105,8 @@ def time_split(run: Callable[[], None]) -> tuple[float, float, float]:
     matmul = copy = other = 0.0
     for e in prof.key_averages():
         t = e.self_cpu_time_total / 1e6
-        if e.key in ("aten::bmm", "aten::mm", "aten::addmm", "aten::matmul"):
+        if e.key in ("aten::bmm", "aten::mm", "aten::addmm", "aten::matmul", "aten::baddbmm_",
+                     "aten::baddbmm"):
             matmul += t
         elif e.key in ("aten::copy_", "aten::clone", "aten::contiguous"):
             copy += t
@@ -172,7 +176,7 @@ def bench(D: int, rows: int, repeats: int, warmup: int, device: str = "cpu") -> 
               f"about {f // 2} FLOPs per float moved, so they run at memory speed, not at the "
               "GEMM peak dense reaches with inner dimension D; the copies are the layout "
               "changes the output order (a, b) forces (one per pass, see linear._BTT); other = "
-              "in-place weight-gradient accumulation over row chunks and elementwise glue")
+              "elementwise glue")
 
 
 def main() -> None:
@@ -183,9 +187,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="keep glibc's default mmap thresholds (trainers raise them on CPU: "
+                             "mlbtc_search/malloc.py); both apply to every row alike")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    tuned = not args.default_malloc and reuse_freed_memory()
+    print(f"malloc: {'freed memory kept for reuse, as in training' if tuned else 'glibc default'}")
     for D in args.sizes:
         bench(D, args.rows, args.repeats, max(1, args.warmup), args.device)
 

@@ -39,6 +39,7 @@ from torch import nn
 
 from mlbtc_search.checks import check_int
 from mlbtc_search.errors import SpecError, TrainingError
+from mlbtc_search.malloc import reuse_freed_memory
 from mlbtc_search.model import AdapterSpec, ModelSpec, build_model, model_flops, model_params
 from mlbtc_search.mup import make_adamw
 from mlbtc_search.yamlio import json_safe
@@ -277,6 +278,8 @@ class _Run:
         if config.threads is not None:
             torch.set_num_threads(config.threads)
         self.device = resolve_device(config.device)
+        if self.device.type == "cpu":  # freed activations stay in the heap for the next step
+            reuse_freed_memory()
         self.amp = autocast_dtype(config.autocast, self.device)
         self.on_device = {} if self.device.type == "cpu" else {"device": self.device}
         torch.manual_seed(seed)
