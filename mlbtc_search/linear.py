@@ -270,7 +270,13 @@ def contract(t: Tensor, t_axes: list[str], w: Tensor, w_axes: list[str], keep: l
     nc = math.prod(sizes[a] for a in cols)
     lhs = t.permute([t_axes.index(a) for a in batch + rows + summed]).reshape(nb, nr, ns)
     rhs = w.permute([w_axes.index(a) for a in batch + summed + cols]).reshape(nb, ns, nc)
-    out = _BMM.apply(lhs, rhs, rows_first)  # (batch, rows, cols)
+    dev = lhs.device.type
+    if torch.is_autocast_enabled(dev):  # autocast reaches neither the Function's out= nor its
+        dt = torch.get_autocast_dtype(dev)  # backward: cast here, run it with autocast off
+        with torch.autocast(dev, enabled=False):
+            out = _BMM.apply(lhs.to(dt), rhs.to(dt), rows_first)
+    else:
+        out = _BMM.apply(lhs, rhs, rows_first)  # (batch, rows, cols)
     names = batch + rows + cols
     return out.reshape([sizes[a] for a in names]), names
 
