@@ -104,6 +104,8 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=16, help="multi-fidelity architectures")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="keep the studies (SQLite) and artifacts here (default: a temp dir)")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -114,7 +116,9 @@ def main() -> int:
     results = []
     budgets = [args.base, args.eta * args.base, args.eta ** 2 * args.base]
     top = budgets[-1]
-    with tempfile.TemporaryDirectory(prefix="mlbtc-bench-mf-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="mlbtc-bench-mf-") as scratch:
+        tmp = str(args.workdir or scratch)
+        Path(tmp).mkdir(parents=True, exist_ok=True)
         os.environ["MLBTC_ARTIFACTS"] = str(Path(tmp) / "artifacts")
         for seed in range(args.repeats):
             url = f"sqlite:///{tmp}/bench-{seed}.db"
