@@ -111,7 +111,8 @@ class MultiFidelityRun(_Run):
                 key = dedup_key(ua["hash"], dict(ua.get("train") or {}), int(ua.get("seed") or 0))
                 self.recorder.known[key] = t.number
             self.open[t.number] = OpenTrial(
-                t.number, trial_id, self._payload(t.number, ua), attrs=ua, rungs=list(rungs),
+                t.number, trial_id, self.recorder.trial_payload(
+                    t.number, ua["spec"], ua.get("train") or {}), attrs=ua, rungs=list(rungs),
                 curve=list(ua.get("curve") or []), states=states)
         if self.open:
             self.progress.message(f"resuming {len(self.open)} open multi-fidelity trial(s) "
@@ -127,16 +128,6 @@ class MultiFidelityRun(_Run):
         except Exception as exc:  # noqa: BLE001 - then the next rung retrains this seed
             log.warning("trial %d: no continuation state (%s)", number, exc)
             return None
-
-    def _payload(self, number: int, ua: dict[str, Any]) -> dict[str, Any]:
-        train = dict(ua.get("train") or {})
-        cpus, gpus = self.space.resources["cpus"], self.space.resources["gpus"]
-        if gpus > 0 and "device" not in train:
-            train["device"] = "cuda"
-        return {"trial": number, "spec": ua["spec"], "task": self.space.task,
-                "seed": self.space.seed, "seeds": self.space.seeds, "train": train,
-                "threads": int(train.get("threads") or max(1, int(cpus))), "gpus": gpus,
-                "objectives": list(self.space.objectives)}
 
     # ---- the loop -----------------------------------------------------------------------------
     def started(self) -> int:
@@ -194,9 +185,9 @@ class MultiFidelityRun(_Run):
                 self.progress.message("stopping: the sampler proposed only infeasible or "
                                       "duplicate candidates for a while (space exhausted?)")
                 return
-            payload = self.recorder.payload(pending)
-            payload.pop("budget_flops", None)
             number = pending.trial.number
+            payload = self.recorder.payload(pending)
+            del payload["budget_flops"]  # each rung job sets its own
             study_id = self.recorder.storage.get_study_id_from_name(self.space.name)
             trial_id = self.recorder.storage.get_trial_id_from_study_id_trial_number(
                 study_id, number)

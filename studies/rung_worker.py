@@ -54,7 +54,8 @@ def run_rung(payload: dict[str, Any]) -> dict[str, Any]:
         share.cap(config.device)
         cpu = time.process_time()
         seed0, k = int(payload["seed"]), int(payload.get("seeds") or 1)
-        states = list(payload.get("states") or [None] * k)
+        states = list(payload.get("states") or [])[:k]
+        states += [None] * (k - len(states))  # a seed without a state trains from scratch
         runs, entries = [], []
         for i in range(k):
             run, note = _train_seed(spec, task, payload, config, seed0 + i, states[i])
