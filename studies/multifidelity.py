@@ -1,45 +1,41 @@
 """A multi-fidelity search: budget rungs on Ray, every rung recorded on the same Optuna trial.
 
-Used by :func:`studies.runner.run_search` when the space has ``budgets:`` (docs/scaling.md). The
-driver keeps ``workers`` jobs in flight. Whenever a worker is free it asks the
-:class:`~studies.rungs.Ladder` for a promotion (highest rung first) and otherwise starts a new
-architecture at rung 0, so no worker waits for a rung to fill. A promoted trial continues from
-the state its previous rung kept (:mod:`trainers.continuation`; the state travels through Ray
-and is kept as an artifact), else it retrains; ``spent_flops`` counts the compute either way.
+Used by :func:`studies.runner.run_search` when the space has ``budgets:``; docs/scaling.md
+describes the rules and the attrs. The driver keeps ``workers`` jobs (one rung of one trial
+each, :func:`studies.rung_worker.run_rung`) in flight. A free worker takes the
+:class:`~studies.rungs.Ladder`'s next promotion (highest rung first), else starts a new
+architecture at rung 0, so no worker waits for a rung to fill. A promoted trial continues each
+of its seeds from the state its previous rung kept (:mod:`trainers.continuation`; the states
+travel through Ray and are kept as artifacts, ``state_artifact_ids``), else it retrains.
 
-The study stays an ordinary multi-objective Optuna study. A trial is asked at rung 0 and stays
-RUNNING while it can still be promoted; each finished rung is written on it at once (user attr
-``rungs``: one entry per rung with budget, loss, metric, steps, train and spent FLOPs, whether
-it continued; ``rung``: the highest rung that succeeded; the usual record fields, curve and
-weights of that rung; ``state_artifact_id``: the state to continue from). It is told (its values
-are those of its highest rung) as soon as it is *settled*: it reached the top rung, or its last
-rung failed, or more results dominate it at its rung than that rung can ever promote, or the
-search ends. With ``confirm: {seeds: n}``, the trials on the top rung's front stay open until
-the end, are retrained at the top budget with ``n - 1`` more seeds, and record ``confirm``
-(losses per seed, mean, spread) before they are told.
-
-Failures: a training failure at rung 0 fails the trial (as in a single-budget search); at a
-higher rung it is recorded in ``rungs`` and the trial is told with its last good rung. A dead
-worker at rung 0 is retried once as usual; at a higher rung it counts as a failed rung. A killed
-driver or Ctrl-C leaves open trials RUNNING with their finished rungs; the next ``mlbtc search``
-of the same file replays every finished rung into the ladder (``studies.trials.Recorder``
-reaps only RUNNING trials without rungs) and promotes from there.
+A trial is asked at rung 0 and stays RUNNING while it can still be promoted; each finished rung
+is written on it at once (:mod:`studies.rung_record`). It is told (with the values of its
+highest rung) once it is settled: it reached the top rung, its last rung failed, more results
+dominate it at its rung than that rung can ever promote, or the search ends. With ``confirm:
+{seeds: n}`` the top rung's front stays open until the end and is retrained with the seeds it
+lacks. A killed driver leaves open trials RUNNING with their finished rungs; the next run of the
+same file replays them into the ladder (:meth:`MultiFidelityRun._replay`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from optuna.artifacts import upload_artifact
 from optuna.trial import TrialState
 
-from .record import decode_attr, encode_attr
+from .record import decode_attr
+from .rung_record import (
+    best_rung_attrs,
+    confirm_summary,
+    interrupted,
+    rung_entry,
+    upload,
+    write_attrs,
+)
 from .rung_worker import run_rung
 from .rungs import Ladder
 from .runner import POLL_S, _Run, _worker_error
@@ -59,7 +55,7 @@ class OpenTrial:
     attrs: dict[str, Any] = field(default_factory=dict)  # record fields of its best rung
     rungs: list[dict[str, Any]] = field(default_factory=list)
     curve: list[dict[str, Any]] = field(default_factory=list)
-    state: bytes | None = None
+    states: list[bytes | None] | None = None  # one per seed: the state to continue from
     pending: Pending | None = None  # set while rung 0 trains (asked by this driver)
 
 
@@ -85,6 +81,8 @@ class MultiFidelityRun(_Run):
         self.jobs: dict[Any, Job] = {}
         self.in_flight = self.jobs  # the base class counts running jobs through it
         self.confirmed: set[int] = set()
+        # confirm: {seeds: n} adds the seeds the top rung does not have yet (it trains `seeds`)
+        self.confirm_extra = max(0, self.space.confirm_seeds - self.space.seeds)
         self._replay()
 
     # ---- resume -----------------------------------------------------------------------------
@@ -106,33 +104,30 @@ class MultiFidelityRun(_Run):
                 continue
             ua = {k: decode_attr(v) for k, v in t.user_attrs.items()}
             trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
-            state = None
-            if ua.get("state_artifact_id"):
-                try:
-                    with self.recorder.store.open_reader(ua["state_artifact_id"]) as f:
-                        state = f.read()
-                except Exception as exc:  # noqa: BLE001 - then the next rung retrains
-                    log.warning("trial %d: no continuation state (%s)", t.number, exc)
+            ids = ua.get("state_artifact_ids") or [ua.get("state_artifact_id")]  # older: one
+            states = [self._read_state(t.number, i) for i in ids][:self.space.seeds]
+            states += [None] * (self.space.seeds - len(states))
             if ua.get("hash") is not None:  # a resumed open trial is not proposed again
                 key = dedup_key(ua["hash"], dict(ua.get("train") or {}), int(ua.get("seed") or 0))
                 self.recorder.known[key] = t.number
             self.open[t.number] = OpenTrial(
-                t.number, trial_id, self._payload(t.number, ua), attrs=ua, rungs=list(rungs),
-                curve=list(ua.get("curve") or []), state=state)
+                t.number, trial_id, self.recorder.trial_payload(
+                    t.number, ua["spec"], ua.get("train") or {}), attrs=ua, rungs=list(rungs),
+                curve=list(ua.get("curve") or []), states=states)
         if self.open:
             self.progress.message(f"resuming {len(self.open)} open multi-fidelity trial(s) "
                                   f"with {sum(len(o.rungs) for o in self.open.values())} "
                                   "finished rung(s)")
 
-    def _payload(self, number: int, ua: dict[str, Any]) -> dict[str, Any]:
-        train = dict(ua.get("train") or {})
-        cpus, gpus = self.space.resources["cpus"], self.space.resources["gpus"]
-        if gpus > 0 and "device" not in train:
-            train["device"] = "cuda"
-        return {"trial": number, "spec": ua["spec"], "task": self.space.task,
-                "seed": self.space.seed, "train": train,
-                "threads": int(train.get("threads") or max(1, int(cpus))),
-                "objectives": list(self.space.objectives)}
+    def _read_state(self, number: int, artifact_id: str | None) -> bytes | None:
+        if not artifact_id:
+            return None
+        try:
+            with self.recorder.store.open_reader(artifact_id) as f:
+                return f.read()
+        except Exception as exc:  # noqa: BLE001 - then the next rung retrains this seed
+            log.warning("trial %d: no continuation state (%s)", number, exc)
+            return None
 
     # ---- the loop -----------------------------------------------------------------------------
     def started(self) -> int:
@@ -190,9 +185,9 @@ class MultiFidelityRun(_Run):
                 self.progress.message("stopping: the sampler proposed only infeasible or "
                                       "duplicate candidates for a while (space exhausted?)")
                 return
-            payload = self.recorder.payload(pending)
-            payload.pop("budget_flops", None)
             number = pending.trial.number
+            payload = self.recorder.payload(pending)
+            del payload["budget_flops"]  # each rung job sets its own
             study_id = self.recorder.storage.get_study_id_from_name(self.space.name)
             trial_id = self.recorder.storage.get_trial_id_from_study_id_trial_number(
                 study_id, number)
@@ -204,7 +199,8 @@ class MultiFidelityRun(_Run):
         trial = self.open[job.number]
         payload = {**trial.payload, "budgets": list(self.schedule.budgets),
                    "budget_flops": self.schedule.budgets[job.rung], "seed": job.seed,
-                   "state": None if job.confirm or job.rung == 0 else trial.state,
+                   "seeds": 1 if job.confirm else self.space.seeds,
+                   "states": None if job.confirm or job.rung == 0 else trial.states,
                    "keep_state": not job.confirm and job.rung < self.schedule.top}
         self.jobs[submit(payload, job.number, job.rung)] = job
 
@@ -223,100 +219,65 @@ class MultiFidelityRun(_Run):
 
     def _record_rung(self, job: Job, out: dict[str, Any]) -> None:
         trial = self.open[job.number]
-        budget = self.schedule.budgets[job.rung]
-        res = out.get("result") or {}
-        loss = res.get("val_loss")
-        ok = "error" not in out and res.get("status") == "ok" and loss is not None and (
-            math.isfinite(loss))
         if job.rung == 0 and out.get("worker_died") and job.pending is not None:
             self.recorder.fail(job.pending, out["error"], retry=True)  # retried as a new trial
             del self.open[job.number]
             return
-        if out.get("error") == "interrupted" or res.get("status") == "interrupted":
+        if interrupted(out):
             if job.pending is not None:  # rung 0: re-queued; a higher rung resumes next run
                 self.recorder.fail(job.pending, "interrupted", retry=True)
                 del self.open[job.number]
             return
-        reason = out.get("error") or res.get("reason") or (
-            None if ok else f"training ended with status {res.get('status')}")
-        flops = res.get("flops_per_token") or trial.attrs.get("flops_per_token") or math.nan
-        entry = {"rung": job.rung, "budget_flops": budget, "val_loss": loss if ok else None,
-                 "metric": res.get("metric"), "flops_per_token": flops,
-                 "steps": res.get("steps"), "train_flops": res.get("train_flops"),
-                 "spent_flops": out.get("spent_flops", 0.0),
-                 "continued": bool(out.get("continued")), "seconds": res.get("seconds"),
-                 "status": "ok" if ok else "failed", "reason": reason,
-                 "note": out.get("note")}
+        entry = rung_entry(out, job.rung, self.schedule.budgets[job.rung], self.space.seeds,
+                           trial.attrs.get("flops_per_token"))
+        ok = entry["status"] == "ok"
         trial.rungs.append(entry)
-        self.ladder.record(job.number, job.rung, loss if ok else math.nan, flops,
-                           entry["spent_flops"])
-        self.recorder.train_seconds += float(res.get("seconds") or 0.0)
+        self.ladder.record(job.number, job.rung, entry["val_loss"] if ok else math.nan,
+                           entry["flops_per_token"], entry["spent_flops"])
+        self.recorder.train_seconds += float(entry["seconds"] or 0.0)
         attrs: dict[str, Any] = {"rungs": trial.rungs}
         if ok:
+            res = out["result"]
             trial.curve += [{**row, "rung": job.rung} for row in res.get("curve") or []]
-            attrs.update(self._rung_attrs(trial, job, out, res))
-            if out.get("state"):
-                trial.state = out["state"]
-                attrs["state_artifact_id"] = self._upload(
-                    trial, out["state"], f"rung{job.rung}-state.safetensors",
-                    "application/octet-stream")
+            attrs.update(best_rung_attrs(trial, out, entry, self.space.seeds,
+                                         self.recorder.version))
+            attrs["weights_artifact_id"] = self._upload(
+                trial, out["weights"], f"rung{job.rung}-weights.safetensors",
+                "application/octet-stream")
+            attrs["curve_artifact_id"] = self._upload(
+                trial, curve_jsonl(trial.curve), f"rung{job.rung}-curve.jsonl",
+                "application/jsonl")
+            if out.get("states"):
+                trial.states = list(out["states"])
+                attrs["state_artifact_ids"] = [self._upload(
+                    trial, blob, f"rung{job.rung}-seed{job.seed + i}-state.safetensors",
+                    "application/octet-stream") for i, blob in enumerate(trial.states)]
         trial.attrs.update(attrs)
         if job.rung == 0 and not ok and job.pending is not None:
+            res = out.get("result") or {}
             attrs.update({"train_status": res.get("status"), "steps": res.get("steps"),
                           "train_flops": res.get("train_flops"),
-                          "duration_s": res.get("seconds")})
-            self.recorder.fail(job.pending, str(reason), retry=False, attrs=attrs)
+                          "duration_s": entry["seconds"]})
+            if self.space.seeds > 1 and "seed_results" in entry:
+                attrs["seed_results"] = entry["seed_results"]
+            self.recorder.fail(job.pending, str(entry["reason"]), retry=False, attrs=attrs)
             self.ladder.close(job.number)
             del self.open[job.number]
             return
         self._write(trial, attrs)
 
-    def _rung_attrs(self, trial: OpenTrial, job: Job, out: dict[str, Any],
-                    res: dict[str, Any]) -> dict[str, Any]:
-        spent = sum(float(r.get("spent_flops") or 0.0) for r in trial.rungs)
-        seconds = sum(float(r.get("seconds") or 0.0) for r in trial.rungs)
-        attrs = {
-            "spec": res["spec"], "hash": res["hash"], "family": res["family"],
-            "flops_per_token": res["flops_per_token"], "params": res["params"],
-            "val_loss": res["val_loss"], "metric": res["metric"],
-            "metric_name": res["metric_name"], "seed": res["seed"],
-            "budget_flops": res["budget_flops"], "steps": res["steps"],
-            "tokens": res["tokens"], "train_flops": res["train_flops"],
-            "train_status": res["status"], "duration_s": seconds, "spent_flops": spent,
-            "rung": job.rung, "curve": trial.curve, "code_version": self.recorder.version,
-            **{k: out[k] for k in ("node", "host", "pid") if out.get(k) is not None},
-        }
-        if job.rung == 0 and trial.pending is not None:
-            attrs["kv_cache_bytes_per_token"] = trial.pending.candidate.kv_cache_bytes
-        attrs["weights_artifact_id"] = self._upload(
-            trial, out["weights"], f"rung{job.rung}-weights.safetensors",
-            "application/octet-stream")
-        attrs["curve_artifact_id"] = self._upload(
-            trial, curve_jsonl(trial.curve), f"rung{job.rung}-curve.jsonl", "application/jsonl")
-        return attrs
-
     def _write(self, trial: OpenTrial, attrs: dict[str, Any]) -> None:
-        storage = self.recorder.storage
-        with quiet_optuna():
-            for key, value in attrs.items():
-                storage.set_trial_user_attr(trial.trial_id, key, encode_attr(value))
+        write_attrs(self.recorder, trial.trial_id, attrs)
 
     def _upload(self, trial: OpenTrial, blob: bytes, name: str, mimetype: str) -> str:
-        storage = self.recorder.storage
-        with tempfile.TemporaryDirectory(prefix="mlbtc-artifact-") as tmp:
-            path = os.path.join(tmp, f"trial-{trial.number}-{name}")
-            with open(path, "wb") as fh:
-                fh.write(blob)
-            with quiet_optuna():
-                return upload_artifact(artifact_store=self.recorder.store, file_path=path,
-                                       study_or_trial=storage.get_trial(trial.trial_id),
-                                       storage=storage, mimetype=mimetype)
+        return upload(self.recorder, trial.trial_id, f"trial-{trial.number}-{name}", blob,
+                      mimetype)
 
     # ---- telling ------------------------------------------------------------------------------
     def _settle(self, final: bool = False) -> None:
         """Tell every open trial that is settled (all of them when ``final``)."""
         future = self.future()
-        top_front = self._top_front() if self.space.confirm_seeds > 1 else set()
+        top_front = self._top_front() if self.confirm_extra else set()
         busy = {j.number for j in self.jobs.values()}
         for number in sorted(self.open):
             if number in busy:
@@ -361,7 +322,7 @@ class MultiFidelityRun(_Run):
     # ---- confirmation ---------------------------------------------------------------------------
     def _confirm_queue(self) -> list[tuple[int, int]]:
         """``(trial, seed)`` still to train for ``confirm`` (the top rung's open front)."""
-        if self.space.confirm_seeds <= 1 or self.stop.requested:
+        if not self.confirm_extra or self.stop.requested:
             return []
         out = []
         for number in sorted(self._top_front() & set(self.open)):
@@ -369,7 +330,8 @@ class MultiFidelityRun(_Run):
                 continue
             have = {s["seed"] for s in self.open[number].attrs.get("confirm", {}).get(
                 "runs", [])}
-            seeds = [self.space.seed + i for i in range(1, self.space.confirm_seeds)]
+            seeds = [self.space.seed + i for i in range(self.space.seeds,
+                                                         self.space.confirm_seeds)]
             todo = [s for s in seeds if s not in have]
             if not todo:
                 self._finish_confirm(self.open[number])
@@ -398,13 +360,8 @@ class MultiFidelityRun(_Run):
         self._write(trial, {"confirm": confirm})
 
     def _finish_confirm(self, trial: OpenTrial) -> None:
-        confirm = dict(trial.attrs.get("confirm") or {"runs": []})
-        first = {"seed": self.space.seed, "val_loss": trial.rungs[-1]["val_loss"]}
-        losses = [r["val_loss"] for r in [first, *confirm["runs"]] if r["val_loss"] is not None]
-        mean = sum(losses) / len(losses)
-        std = (sum((v - mean) ** 2 for v in losses) / (len(losses) - 1)) ** 0.5 if len(
-            losses) > 1 else 0.0
-        confirm.update(seeds=len(losses), mean=mean, std=std, min=min(losses), max=max(losses))
+        confirm = confirm_summary(trial.rungs[-1], dict(trial.attrs.get("confirm") or {
+            "runs": []}), self.space.seed)
         trial.attrs["confirm"] = confirm
         self._write(trial, {"confirm": confirm})
         self.confirmed.add(trial.number)

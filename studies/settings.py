@@ -91,9 +91,6 @@ def normalize(s: Mapping[str, Any]) -> dict[str, Any]:
     budget, rungs, confirm = fidelity_settings(s["budget_flops"], s.get("budgets"),
                                                s.get("promote"), s.get("confirm"))
     seeds = check_int(s["seeds"], ("seeds",), "seeds")
-    if rungs is not None and seeds > 1:
-        raise SpecError("seeds > 1 is not supported with budgets (rungs): a multi-fidelity "
-                        "search retrains its final front with confirm: {seeds: N}", ("seeds",))
     return {
         "name": _name(s["name"]), "task": _task(s["task"]),
         "budget_flops": _positive(budget, ("budget",), "budget"),

@@ -312,13 +312,19 @@ class Recorder:
 
     def payload(self, p: Pending) -> dict[str, Any]:
         """What :func:`studies.worker.run_trial` needs (plain JSON-able data)."""
-        train = dict(p.candidate.train)
+        assert p.candidate.spec is not None
+        return self.trial_payload(p.trial.number, p.candidate.spec.to_dict(), p.candidate.train)
+
+    def trial_payload(self, number: int, spec: dict[str, Any], train: dict[str, Any]
+                      ) -> dict[str, Any]:
+        """The worker payload of trial ``number`` (also that of a resumed multi-fidelity trial,
+        rebuilt from its attrs): the spec, task, budget, seeds, training settings, resources."""
+        train = dict(train)
         cpus, gpus = self.space.resources["cpus"], self.space.resources["gpus"]
         if gpus > 0 and "device" not in train:
             train["device"] = "cuda"
-        assert p.candidate.spec is not None
         return {
-            "trial": p.trial.number, "spec": p.candidate.spec.to_dict(), "task": self.space.task,
+            "trial": number, "spec": spec, "task": self.space.task,
             "budget_flops": self.space.budget_flops, "seed": self.space.seed,
             "seeds": self.space.seeds, "train": train,
             "threads": int(train.get("threads") or max(1, int(cpus))), "gpus": gpus,

@@ -74,16 +74,52 @@ def _seed_result(res: dict[str, Any]) -> dict[str, Any]:
     return {k: res.get(k) for k in keys}
 
 
+class GpuShare:
+    """A trial's share of a GPU (``payload["gpus"]``), for both workers (this one and
+    :func:`studies.rung_worker.run_rung`): :meth:`cap` caps the CUDA caching allocator a little
+    under the share (:func:`trainers.device.cap_memory`), :meth:`record` is the ``gpu`` entry of
+    the answer, :meth:`error` the one-line answer to an exception (naming the share and the cap
+    when it is a CUDA out-of-memory error)."""
+
+    def __init__(self, payload: dict[str, Any]):
+        self.fraction = float(payload.get("gpus") or 0.0)
+        self.cap_bytes: float | None = None
+        self.start = time.time()
+
+    def cap(self, device_setting: str) -> None:
+        """Apply the cap for a run on ``device_setting`` (``TrainConfig.device``); nothing on
+        the CPU or with a whole GPU."""
+        from trainers.device import cap_memory, resolve_device
+
+        self.cap_bytes = cap_memory(self.fraction, resolve_device(device_setting))
+
+    def record(self, device: Any) -> dict[str, Any] | None:
+        """``{share, cap_bytes, name, start, end}`` for a run on a CUDA ``device``, else None."""
+        if device.type != "cuda":
+            return None
+        import torch
+
+        return {"share": self.fraction, "cap_bytes": self.cap_bytes, "start": self.start,
+                "name": torch.cuda.get_device_name(device), "end": time.time()}
+
+    def error(self, exc: BaseException) -> str:
+        oom = _oom_reason(exc, self.cap_bytes, self.fraction)
+        if oom is not None:
+            return oom
+        detail = " ".join(str(exc).split()) or "".join(
+            traceback.format_exception_only(type(exc), exc)).strip()
+        return f"{type(exc).__name__}: {detail}"
+
+
 def run_trial(payload: dict[str, Any]) -> dict[str, Any]:
     """Train one trial (see the module doc); never raises for a training problem."""
     where = _where()
-    fraction, cap, start = float(payload.get("gpus") or 0.0), None, time.time()
+    share = GpuShare(payload)
     try:
         import safetensors.torch
         import torch
 
         from mlbtc_search.model import ModelSpec
-        from trainers.device import cap_memory, resolve_device
         from trainers.tasks import get_task
         from trainers.train import TrainConfig, train
 
@@ -91,7 +127,7 @@ def run_trial(payload: dict[str, Any]) -> dict[str, Any]:
         task = get_task(payload["task"]["name"], **payload["task"].get("options", {}))
         spec = ModelSpec.from_dict(payload["spec"])
         config = TrainConfig(**payload.get("train", {}))
-        cap = cap_memory(fraction, resolve_device(config.device))
+        share.cap(config.device)
         cpu = time.process_time()
         seed0 = int(payload["seed"])
         result = train(spec, task, float(payload["budget_flops"]), seed=seed0, config=config)
@@ -105,9 +141,9 @@ def run_trial(payload: dict[str, Any]) -> dict[str, Any]:
         out["seed_results"] = seeds
         out["cpu_s"] = time.process_time() - cpu
         device = next(result.model.parameters()).device
-        if device.type == "cuda":
-            out["gpu"] = {"share": fraction, "cap_bytes": cap, "start": start,
-                          "name": torch.cuda.get_device_name(device), "end": time.time()}
+        gpu = share.record(device)
+        if gpu is not None:
+            out["gpu"] = gpu
         if result.status == "ok":
             out["weights"] = safetensors.torch.save(result.state_dict())
             if "latency" in payload.get("objectives", ()):
@@ -116,12 +152,7 @@ def run_trial(payload: dict[str, Any]) -> dict[str, Any]:
     except KeyboardInterrupt:
         return {**where, "error": "interrupted"}
     except Exception as exc:  # noqa: BLE001 - reported to the driver, recorded on the trial
-        oom = _oom_reason(exc, cap, fraction)
-        if oom is not None:
-            return {**where, "error": oom}
-        detail = " ".join(str(exc).split()) or "".join(
-            traceback.format_exception_only(type(exc), exc)).strip()
-        return {**where, "error": f"{type(exc).__name__}: {detail}"}
+        return {**where, "error": share.error(exc)}
 
 
 def _oom_reason(exc: BaseException, cap: float | None, fraction: float) -> str | None:
@@ -132,4 +163,4 @@ def _oom_reason(exc: BaseException, cap: float | None, fraction: float) -> str |
     return oom_reason(exc, cap, fraction)
 
 
-__all__ = ["run_trial", "measure_latency"]
+__all__ = ["GpuShare", "measure_latency", "run_trial"]

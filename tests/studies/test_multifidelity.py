@@ -49,8 +49,7 @@ def test_yaml_keys_budgets_promote_confirm(tmp_path):
         load_space(mf_space(tmp_path / "s3.yaml", promote={"eta": 1}))
     with pytest.raises(SpecError, match=r"confirm.seeds: seeds must be an integer in \[1, 100\]"):
         load_space(mf_space(tmp_path / "s4.yaml", confirm={"seeds": 0}))
-    with pytest.raises(SpecError, match=r"seeds: seeds > 1 is not supported with budgets"):
-        load_space(mf_space(tmp_path / "s5.yaml", seeds=2))
+    assert load_space(mf_space(tmp_path / "s5.yaml", seeds=2)).seeds == 2
 
 
 @pytest.mark.slow
@@ -115,10 +114,55 @@ def test_rungs_are_recorded_on_one_trial_and_continue(ray_local, storage_url, tm
 
 
 @pytest.mark.slow
-def test_killed_driver_keeps_every_finished_rung(ray_local, tmp_path, monkeypatch):
-    """SIGKILL the driver while trials are open between rungs; the next run resumes them."""
+def test_seeds_train_every_rung_and_latency_is_measured(ray_local, tmp_path, monkeypatch):
+    """seeds: 2 with budgets: each rung trains both seeds (each continuing its own chain), the
+    rung's loss is their mean with the spread recorded, the FLOPs of both are counted; confirm:
+    {seeds: 3} adds the one seed the top rung lacks; latency is measured for every rung."""
+    monkeypatch.setenv("MLBTC_ARTIFACTS", str(tmp_path / "artifacts"))
     url = f"sqlite:///{tmp_path / 'mf.db'}"
-    path = mf_space(tmp_path / "mf.yaml", workers=1)
+    path = mf_space(tmp_path / "mf.yaml", seeds=2, trials=4, confirm={"seeds": 3},
+                    objectives=["val_loss", "flops_per_token", "latency"])
+    run_search(load_space(path), url)
+    trained = [t for t in trials(url) if rungs_of(t)]
+    assert len(trained) == 4 and all(t.state == TrialState.COMPLETE for t in trained)
+    assert any(len(rungs_of(t)) == 3 for t in trained)
+    for t in trained:
+        rungs = rungs_of(t)
+        for r in rungs:
+            seeds = r["seed_results"]
+            assert [s["seed"] for s in seeds] == [0, 1] and r["status"] == "ok"
+            mean = (seeds[0]["val_loss"] + seeds[1]["val_loss"]) / 2
+            assert r["val_loss"] == pytest.approx(mean)
+            assert r["loss_std"] > 0 and r["latency_s"] > 0
+            assert r["spent_flops"] == pytest.approx(sum(s["spent_flops"] for s in seeds))
+            if r["rung"] > 0:  # both seeds continued from their own state
+                assert all(s["continued"] for s in seeds) and r["continued"]
+                assert all(s["spent_flops"] < 0.9 * r["budget_flops"] for s in seeds)
+        top = rungs[-1]
+        assert t.values[0] == pytest.approx(top["val_loss"])
+        assert t.values[2] == t.user_attrs["latency_s"] == top["latency_s"]
+        assert json.loads(t.user_attrs["seed_results"]) == top["seed_results"]
+        assert t.user_attrs["loss_std"] == pytest.approx(top["loss_std"])
+        assert t.user_attrs["spent_flops"] == pytest.approx(sum(r["spent_flops"] for r in rungs))
+        if len(rungs) < 3:  # the states of its last rung, one per seed, kept as artifacts
+            assert len(json.loads(t.user_attrs["state_artifact_ids"])) == 2
+    confirmed = [t for t in trained if "confirm" in t.user_attrs]
+    assert confirmed
+    for t in confirmed:
+        c = json.loads(t.user_attrs["confirm"])
+        losses = [s["val_loss"] for s in rungs_of(t)[-1]["seed_results"]]
+        assert [r["seed"] for r in c["runs"]] == [2] and c["seeds"] == 3
+        assert c["mean"] == pytest.approx((sum(losses) + c["runs"][0]["val_loss"]) / 3)
+    recs = load_records(load_study(open_storage(url), "tiny"))
+    assert all(r.seeds == 2 and r.loss_std > 0 for r in recs if r.state == "complete")
+
+
+@pytest.mark.slow
+def test_killed_driver_keeps_every_finished_rung(ray_local, tmp_path, monkeypatch):
+    """SIGKILL the driver while trials are open between rungs; the next run resumes them, each
+    of the two seeds continuing from its own state artifact."""
+    url = f"sqlite:///{tmp_path / 'mf.db'}"
+    path = mf_space(tmp_path / "mf.yaml", workers=1, seeds=2)
     proc = start_search([str(path), "--storage", url], cli_env(tmp_path), tmp_path)
     try:
         wait_for(lambda: [t for t in trials(url) if t.state == TrialState.RUNNING
@@ -141,7 +185,9 @@ def test_killed_driver_keeps_every_finished_rung(ray_local, tmp_path, monkeypatc
         assert after[number].state == TrialState.COMPLETE
         assert after[number].values[0] == pytest.approx(rungs_of(after[number])[-1]["val_loss"])
     resumed_rungs = [r for n in open_before for r in rungs_of(after[n])[len(before[n]):]]
-    assert all(r["continued"] for r in resumed_rungs)  # from the state artifact
+    assert resumed_rungs and all(r["continued"] for r in resumed_rungs)  # from the artifacts
+    assert all(s["continued"] and s["spent_flops"] < 0.9 * r["budget_flops"]
+               for r in resumed_rungs for s in r["seed_results"])
     hashes = [t.user_attrs["hash"] for t in after.values() if rungs_of(t)]
     assert len(hashes) == len(set(hashes)) == 6  # no architecture trained twice at rung 0
     assert not [t for t in after.values() if t.state == TrialState.RUNNING]
