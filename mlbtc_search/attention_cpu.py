@@ -33,7 +33,9 @@ from torch import Tensor
 
 ENV = "MLBTC_CPU_KERNEL"
 SOURCE = Path(__file__).with_name("csrc") / "region_attention.cpp"
-FLAGS = ["-O3", "-march=native", "-ffast-math"]
+# -fopenmp: ATen's parallel_for is inline OpenMP pragmas (without it the kernel runs on one thread;
+# torch's CPU wheels use the same GNU OpenMP runtime)
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
 
 _state: dict[str, bool] = {}
 _lock = threading.Lock()
@@ -63,7 +65,7 @@ def _build() -> bool:
         print("mlbtc: compiling the fused CPU attention kernel (once per machine, about a "
               "minute)...", file=sys.stderr, flush=True)
     cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=FLAGS,
-                       is_python_module=False, verbose=False)
+                       extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     return hasattr(torch.ops.mlbtc, "attend_merge")
 
 

@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -45,6 +46,69 @@ inline void blas(char ta, char tb, int m, int n, int k, double alpha, const doub
   dgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
 }
 
+// 64-byte vectors (GCC/Clang vector extension: zmm with AVX-512, two ymm with AVX2): gcc does
+// not vectorize the small loops below on its own (it unrolled them into scalar FMAs).
+template <typename T>
+struct Vec {
+  typedef T type __attribute__((vector_size(64)));
+  static constexpr int lanes = 64 / sizeof(T);
+  static type load(const T* p) {
+    type v;
+    std::memcpy(&v, p, 64);
+    return v;
+  }
+  static void store(T* p, const type& v) { std::memcpy(p, &v, 64); }
+  static T sum(const type& v) {
+    T s = 0;
+    for (int i = 0; i < lanes; ++i) s += v[i];
+    return s;
+  }
+};
+
+// c[0..W) += alpha sum_p a[p * astep] B[p, 0..W): the W accumulators stay in vector registers
+// over p (a store and reload of c per p would chain through store forwarding).
+template <typename T, int W>
+inline void axpy_block(int64_t K, const T* a, int64_t astep, T alpha, const T* B, int64_t ldb,
+                       T* c) {
+  using V = Vec<T>;
+  constexpr int L = V::lanes;
+  if constexpr (W % L == 0) {
+    typename V::type acc[W / L];
+    for (int v = 0; v < W / L; ++v) acc[v] = V::load(c + v * L);
+    for (int64_t p = 0; p < K; ++p) {
+      const T ap = alpha * a[p * astep];
+      const T* b = B + p * ldb;
+      for (int v = 0; v < W / L; ++v) acc[v] += V::load(b + v * L) * ap;
+    }
+    for (int v = 0; v < W / L; ++v) V::store(c + v * L, acc[v]);
+  } else {
+    for (int64_t p = 0; p < K; ++p) {
+      const T ap = alpha * a[p * astep];
+      const T* b = B + p * ldb;
+      for (int t = 0; t < W; ++t) c[t] += ap * b[t];
+    }
+  }
+}
+
+// alpha a[0..K) . B[j, 0..K) for four rows j at once (independent vector accumulators).
+template <typename T>
+inline void dot4(int64_t K, const T* a, const T* B, int64_t ldb, T alpha, T* c) {
+  using V = Vec<T>;
+  constexpr int L = V::lanes;
+  const T* b[4] = {B, B + ldb, B + 2 * ldb, B + 3 * ldb};
+  typename V::type acc[4] = {};
+  int64_t p = 0;
+  for (; p + L <= K; p += L) {
+    const auto av = V::load(a + p);
+    for (int r = 0; r < 4; ++r) acc[r] += av * V::load(b[r] + p);
+  }
+  for (int r = 0; r < 4; ++r) {
+    T s = V::sum(acc[r]);
+    for (int64_t q = p; q < K; ++q) s += a[q] * b[r][q];
+    c[r] += alpha * s;
+  }
+}
+
 // Row-major C (M x N, ldc) = alpha op(A) op(B) + beta C, op by ta/tb ('N' or 'T'); A is M x K
 // (or K x M when 'T'), B is K x N (or N x K). beta is 0 or 1.
 template <typename T>
@@ -65,24 +129,31 @@ void gemm(char ta, char tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A
   for (int64_t i = 0; i < M; ++i) {
     T* c = C + i * ldc;
     if (beta == T(0)) std::fill(c, c + N, T(0));
-    if (tb == 'T') {  // c[j] += alpha * sum_p a(i,p) B[j,p]
+    if (tb == 'T' && ta == 'N') {  // c[j] += alpha a(i,:) . B[j,:], four dots at a time
+      const T* a = A + i * lda;    // (independent accumulator chains, not one FMA latency each)
+      int64_t j = 0;
+      for (; j + 4 <= N; j += 4) dot4(K, a, B + j * ldb, ldb, alpha, c + j);
+      for (; j < N; ++j) {
+        const T* b = B + j * ldb;
+        T acc = 0;
+        for (int64_t p = 0; p < K; ++p) acc += a[p] * b[p];
+        c[j] += alpha * acc;
+      }
+    } else if (tb == 'T') {  // (not used by the kernels) c[j] += alpha sum_p A[p,i] B[j,p]
       for (int64_t j = 0; j < N; ++j) {
         const T* b = B + j * ldb;
         T acc = 0;
-        if (ta == 'N') {
-          const T* a = A + i * lda;
-          for (int64_t p = 0; p < K; ++p) acc += a[p] * b[p];
-        } else {
-          for (int64_t p = 0; p < K; ++p) acc += A[p * lda + i] * b[p];
-        }
+        for (int64_t p = 0; p < K; ++p) acc += A[p * lda + i] * b[p];
         c[j] += alpha * acc;
       }
-    } else {  // c += alpha * sum_p a(i,p) B[p,:]
-      for (int64_t p = 0; p < K; ++p) {
-        T a = alpha * (ta == 'N' ? A[i * lda + p] : A[p * lda + i]);
-        const T* b = B + p * ldb;
-        for (int64_t j = 0; j < N; ++j) c[j] += a * b[j];
-      }
+    } else {  // c += alpha * sum_p a(i,p) B[p,:], in register blocks of columns
+      const T* a = ta == 'N' ? A + i * lda : A + i;
+      const int64_t astep = ta == 'N' ? 1 : lda;
+      int64_t j = 0;
+      for (; j + 64 <= N; j += 64) axpy_block<T, 64>(K, a, astep, alpha, B + j, ldb, c + j);
+      for (; j + 16 <= N; j += 16) axpy_block<T, 16>(K, a, astep, alpha, B + j, ldb, c + j);
+      for (; j + 4 <= N; j += 4) axpy_block<T, 4>(K, a, astep, alpha, B + j, ldb, c + j);
+      for (; j < N; ++j) axpy_block<T, 1>(K, a, astep, alpha, B + j, ldb, c + j);
     }
   }
 }
@@ -120,13 +191,17 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     for (int64_t w = begin; w < end; ++w) {
       const int64_t m = w / qtiles, i0 = (w % qtiles) * BQ;
       const int64_t nq = std::min(BQ, Lq - i0);
-      const T* Q = vq.at(qp, m, i0);
+      const T* Q = vq.at(qp, m, i0);  // an item's base pointers once (View::at divides)
+      const T* K0 = vk.at(kp, m, 0);
+      const T* V0 = vv.at(vp, m, 0);
+      T* O = vo.at(op, m, i0);
+      T* Lse = vl.at(lp, m, i0);
       std::fill(mx.begin(), mx.begin() + nq, ninf);
       std::fill(sum.begin(), sum.begin() + nq, T(0));
       std::fill(acc.begin(), acc.begin() + nq * Ev, T(0));
       for (int64_t j0 = 0; j0 < Lk; j0 += BK) {
         const int64_t nk = std::min(BK, Lk - j0);
-        const T* Kt = vk.at(kp, m, j0);
+        const T* Kt = K0 + j0 * vk.sl;
         gemm<T>('N', 'T', nq, nk, E, scale, Q, vq.sl, Kt, vk.sl, T(0), s.data(), nk);
         // online softmax: per-row max and shift, then one exp over the whole tile (vectorized
         // also when rows are short), then per-row sums and rescales of the accumulator
@@ -152,12 +227,12 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
             for (int64_t e = 0; e < Ev; ++e) a[e] *= alpha[i];
           }
         }
-        gemm<T>('N', 'N', nq, Ev, nk, T(1), s.data(), nk, vv.at(vp, m, j0), vv.sl, T(1),
+        gemm<T>('N', 'N', nq, Ev, nk, T(1), s.data(), nk, V0 + j0 * vv.sl, vv.sl, T(1),
                 acc.data(), Ev);
       }
       for (int64_t i = 0; i < nq; ++i) {
-        T* o = vo.at(op, m, i0 + i);
-        T* l = vl.at(lp, m, i0 + i);
+        T* o = O + i * vo.sl;
+        T* l = Lse + i * vl.sl;
         const T* a = acc.data() + i * Ev;
         const T lr = mx[i] + std::log(sum[i]);
         if (first) {
@@ -197,25 +272,27 @@ void backward_impl(const at::Tensor& go, const at::Tensor& q, const at::Tensor& 
       T* DQ = vdq.at(dqp, m, 0);
       T* DK = vdk.at(dkp, m, 0);
       T* DV = vdv.at(dvp, m, 0);
+      const T *Q0 = vq.at(qp, m, 0), *G0 = vg.at(gp, m, 0), *O0 = vo.at(op, m, 0);
+      const T *K0 = vk.at(kp, m, 0), *V0 = vv.at(vp, m, 0), *L0 = vl.at(lp, m, 0);
       for (int64_t i0 = 0; i0 < Lq; i0 += BQ) {
         const int64_t nq = std::min(BQ, Lq - i0);
-        const T* Q = vq.at(qp, m, i0);
-        const T* GO = vg.at(gp, m, i0);
+        const T* Q = Q0 + i0 * vq.sl;
+        const T* GO = G0 + i0 * vg.sl;
         for (int64_t i = 0; i < nq; ++i) {
           const T* g = GO + i * vg.sl;
-          const T* o = vo.at(op, m, i0 + i);
+          const T* o = O0 + (i0 + i) * vo.sl;
           T d = 0;
           for (int64_t e = 0; e < Ev; ++e) d += g[e] * o[e];
           delta[i] = d;
         }
         for (int64_t j0 = 0; j0 < Lk; j0 += BK) {
           const int64_t nk = std::min(BK, Lk - j0);
-          const T* Kt = vk.at(kp, m, j0);
-          const T* Vt = vv.at(vp, m, j0);
+          const T* Kt = K0 + j0 * vk.sl;
+          const T* Vt = V0 + j0 * vv.sl;
           gemm<T>('N', 'T', nq, nk, E, scale, Q, vq.sl, Kt, vk.sl, T(0), p.data(), nk);
           for (int64_t i = 0; i < nq; ++i) {  // P = exp(S - lse): this rectangle's share
             T* row = p.data() + i * nk;
-            const T l = *vl.at(lp, m, i0 + i);
+            const T l = L0[(i0 + i) * vl.sl];
             const int64_t lim = causal ? std::clamp<int64_t>(i0 + i + 1 - j0, 0, nk) : nk;
             for (int64_t j = 0; j < lim; ++j) row[j] -= l;
             for (int64_t j = lim; j < nk; ++j) row[j] = std::numeric_limits<T>::lowest();
