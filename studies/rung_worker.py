@@ -35,12 +35,11 @@ def run_rung(payload: dict[str, Any]) -> dict[str, Any]:
     :class:`~trainers.continuation.TrainState`, or None to train from scratch; None for all)
     and ``keep_state``. Never raises for a training problem: ``{"error": ...}``.
     """
-    from .worker import GpuShare, _where, measure_latency
+    from .worker import GpuShare, _where, add_model_outputs
 
     where = _where()
     share = GpuShare(payload)
     try:
-        import safetensors.torch
         import torch
 
         from mlbtc_search.model import ModelSpec
@@ -71,14 +70,7 @@ def run_rung(payload: dict[str, Any]) -> dict[str, Any]:
             "spent_flops": sum(e["spent_flops"] for e in entries),
             "continued": all(e["continued"] for e in entries),
             "note": "; ".join(notes) or None, "cpu_s": time.process_time() - cpu}
-        device = next(first.model.parameters()).device
-        gpu = share.record(device)
-        if gpu is not None:
-            out["gpu"] = gpu
-        if first.status == "ok":
-            out["weights"] = safetensors.torch.save(first.state_dict())
-            if "latency" in payload.get("objectives", ()):
-                out["latency_s"] = measure_latency(first.model, task, device)
+        add_model_outputs(out, first, share, payload, task)
         ok = len(runs) == k and all(r.result.status == "ok" for r in runs)
         if ok and payload.get("keep_state", True) and all(r.state is not None for r in runs):
             out["states"] = [r.state.to_bytes() for r in runs]

@@ -69,6 +69,22 @@ def measure_latency(model: Any, task: Any, device: str) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def add_model_outputs(out: dict[str, Any], result: Any, share: Any, payload: dict[str, Any],
+                      task: Any) -> None:
+    """Into a worker's answer: the GPU entry of ``share``, and for a run that finished, its
+    weights (safetensors) and, when ``latency`` is an objective, its measured latency."""
+    import safetensors.torch
+
+    device = next(result.model.parameters()).device
+    gpu = share.record(device)
+    if gpu is not None:
+        out["gpu"] = gpu
+    if result.status == "ok":
+        out["weights"] = safetensors.torch.save(result.state_dict())
+        if "latency" in payload.get("objectives", ()):
+            out["latency_s"] = measure_latency(result.model, task, device)
+
+
 def _seed_result(res: dict[str, Any]) -> dict[str, Any]:
     keys = ("seed", "status", "val_loss", "metric", "steps", "seconds", "reason")
     return {k: res.get(k) for k in keys}
@@ -116,7 +132,6 @@ def run_trial(payload: dict[str, Any]) -> dict[str, Any]:
     where = _where()
     share = GpuShare(payload)
     try:
-        import safetensors.torch
         import torch
 
         from mlbtc_search.model import ModelSpec
@@ -140,14 +155,7 @@ def run_trial(payload: dict[str, Any]) -> dict[str, Any]:
                                             seed=seed, config=config).to_json()))
         out["seed_results"] = seeds
         out["cpu_s"] = time.process_time() - cpu
-        device = next(result.model.parameters()).device
-        gpu = share.record(device)
-        if gpu is not None:
-            out["gpu"] = gpu
-        if result.status == "ok":
-            out["weights"] = safetensors.torch.save(result.state_dict())
-            if "latency" in payload.get("objectives", ()):
-                out["latency_s"] = measure_latency(result.model, task, device)
+        add_model_outputs(out, result, share, payload, task)
         return out
     except KeyboardInterrupt:
         return {**where, "error": "interrupted"}
