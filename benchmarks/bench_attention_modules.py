@@ -4,7 +4,8 @@ The baseline is a hand-written standard attention layer (four dense projections 
 causal ``F.scaled_dot_product_attention``). Against it, in the same run: our standard attention
 (causal attention runs as regions, see ``attention_kernels.kernel_levels``), MLR attention with
 8 levels (block sizes T / 2^l), bilinear BTT, and sliding-window attention, all at equal width
-and heads. Prints milliseconds (median of repeats after warmup) and the ratio to the baseline.
+and heads. Prints milliseconds (the fastest of 20 round-robin steps per layer after two warmup
+steps, and the median) and the ratios to the baseline.
 
     python benchmarks/bench_attention_modules.py [--T 1024 --width 512 --heads 8 --batch 4]
 """
@@ -42,7 +43,8 @@ class PlainSDPA(nn.Module):
         return self.out(y.transpose(1, 2).reshape(B, T, D))
 
 
-def timed(module: nn.Module, x: torch.Tensor, repeats: int) -> float:
+def timed(module: nn.Module, x: torch.Tensor, repeats: int = 1, warmup: int = 0) -> list[float]:
+    """Milliseconds of ``repeats`` forward+backward steps, after ``warmup`` untimed ones."""
     def once() -> None:
         module.zero_grad(set_to_none=True)
         module(x).square().mean().backward()
@@ -51,7 +53,7 @@ def timed(module: nn.Module, x: torch.Tensor, repeats: int) -> float:
         if x.is_cuda:
             torch.cuda.synchronize()
 
-    for _ in range(2):
+    for _ in range(warmup):
         once()
     times = []
     for _ in range(repeats):
@@ -59,8 +61,8 @@ def timed(module: nn.Module, x: torch.Tensor, repeats: int) -> float:
         t0 = time.perf_counter()
         once()
         sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
 
 
 def main() -> int:
@@ -69,8 +71,10 @@ def main() -> int:
     ap.add_argument("--width", type=int, default=512)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=1, help="timed steps per layer per round")
+    ap.add_argument("--rounds", type=int, default=20,
+                    help="rounds over all layers (round-robin); each layer's time is its fastest "
+                         "step over all rounds, its median is printed too")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--default-malloc", action="store_true",
@@ -104,25 +108,32 @@ def main() -> int:
     flops = {name: train_flops(m) for name, m in modules}
     for name, m in modules[1:]:  # the plan prices what runs
         assert abs(flops[name] - m.flops_per_token(T, backward=True)) < 1e-6 * flops[name], name
-    times = {name: [] for name, _ in modules}
+    times: dict[str, list[float]] = {name: [] for name, _ in modules}
+    for _, m in modules:
+        timed(m, x, repeats=0, warmup=2)
     for _ in range(args.rounds):  # round-robin: load that drifts hits every row alike
         for name, m in modules:
-            times[name].append(timed(m, x, args.repeats))
+            times[name] += timed(m, x, args.repeats)
+    # the fastest step is the least disturbed one (on a shared VM, bursts of other load only
+    # ever add time); the median shows how much the load moved
     ms = {name: min(t) for name, t in times.items()}
+    med = {name: statistics.median(t) for name, t in times.items()}
     load = os.getloadavg()
     print(f"attention layers, T={T}, width {D}, {H} heads, batch {args.batch}, fp32, "
           f"forward+backward, {torch.get_num_threads()} threads, device {args.device}, "
           f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (1/5/15 min; "
-          f"{os.cpu_count()} CPUs), best of {args.rounds} rounds of medians, malloc "
+          f"{os.cpu_count()} CPUs), fastest of {args.rounds * args.repeats} steps "
+          f"(round-robin), malloc "
           f"{'keeps freed memory (as in training)' if tuned else 'glibc default'}, fused CPU "
           f"kernel {'on' if attention_cpu.available() else 'off'}")
-    print(f"{'layer':<36}{'ms':>9}{'x baseline':>12}{'fwd+bwd FLOPs/token':>21}"
-          f"{'FLOP ratio':>12}{'time/FLOP ratio':>17}")
-    b_ms, b_fl = ms[modules[0][0]], flops[modules[0][0]]
+    print(f"{'layer':<36}{'ms':>9}{'x baseline':>12}{'median ms':>11}{'x':>7}"
+          f"{'fwd+bwd FLOPs/token':>21}{'FLOP ratio':>12}{'time/FLOP ratio':>17}")
+    base = modules[0][0]
+    b_ms, b_med, b_fl = ms[base], med[base], flops[base]
     for name, _ in modules:
         r_t, r_f = ms[name] / b_ms, flops[name] / b_fl
-        print(f"{name:<36}{ms[name]:>9.1f}{r_t:>12.2f}{flops[name]:>21,.0f}{r_f:>12.2f}"
-              f"{r_t / r_f:>17.2f}")
+        print(f"{name:<36}{ms[name]:>9.1f}{r_t:>12.2f}{med[name]:>11.1f}"
+              f"{med[name] / b_med:>7.2f}{flops[name]:>21,.0f}{r_f:>12.2f}{r_t / r_f:>17.2f}")
     return 0
 
 

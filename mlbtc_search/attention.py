@@ -55,6 +55,11 @@ class BilinearFeatures(nn.Module):
                  for w in (0, 1)]
         self._dense = dense if all(d is not None for part in dense for d in part) else None
 
+    @property
+    def dense(self) -> bool:
+        """Every side is one dense D x w core: all q and k features are one matrix product."""
+        return self._dense is not None
+
     @staticmethod
     def _dense_core(side: Side, ids: list[int]) -> tuple[int, bool] | None:
         """(core id, stored as (w, D)) when ``side`` maps x by one dense D x w core, else None."""
@@ -103,16 +108,20 @@ class BilinearFeatures(nn.Module):
         heads = t.shape[axes.index("_H")]
         return t.permute(order).reshape(N, heads, -1)  # (N, h or 1, k * cut width)
 
-    def _dense_forward(self, x2: Tensor) -> Tensor:
-        """(N, 2, h, W): q and k features of every level from one (D, 2 h W) matrix, the same
-        multiply-accumulates as one GEMM per level and side (x is read once, not 2 x levels)."""
+    def dense_matrix(self) -> Tensor:
+        """(D, 2 h W): the q and k features of every level as one matrix (``_dense`` sides)."""
         mats = []
         for part in self._dense:
             ws = [self._weight(i)[:, 0].transpose(1, 2) if wd else self._weight(i)[:, 0]
                   for i, wd in part]  # (h, D, w_l) each
             mats.append(ws[0] if len(ws) == 1 else torch.cat(ws, dim=-1))  # (h, D, W)
         w = torch.stack(mats).permute(2, 0, 1, 3)  # (D, 2, h, W)
-        return (x2 @ w.reshape(w.shape[0], -1)).view(x2.shape[0], 2, self.heads, -1)
+        return w.reshape(w.shape[0], -1)
+
+    def split(self, qk: Tensor, B: int, T: int) -> tuple[Tensor, Tensor]:
+        """(B*T, 2 h W) features of ``dense_matrix`` -> q, k as (B, T, h, W) views."""
+        qk = qk.view(B * T, 2, self.heads, -1)
+        return tuple(t.view(B, T, self.heads, -1) for t in qk.unbind(1))  # no zero-fills
 
     def token_major(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """q and k features as (B, T, h, W), in the memory order they are computed in; a side
@@ -120,8 +129,7 @@ class BilinearFeatures(nn.Module):
         B, T, D = x.shape
         x2 = x.reshape(B * T, D)
         if self._dense is not None:
-            qk = self._dense_forward(x2)  # (B*T, 2, h, W)
-            return tuple(t.view(B, T, self.heads, -1) for t in qk.unbind(1))  # no zero-fills
+            return self.split(x2 @ self.dense_matrix(), B, T)
         qs, ks = [], []
         for (q_side, k_side, _), (q_ids, k_ids) in zip(self.sides, self._index, strict=True):
             qs.append(self._side(x2, q_side, q_ids))
@@ -206,14 +214,31 @@ class Attention(nn.Module):
             return F.layer_norm(q, norm.normalized_shape, w, None, norm.eps)
         return norm(q) * self._scale(g)
 
+    def _fused_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+        """One head group of dense q/k cores and a dense value: q, k (B, T, h, W) and v
+        (B, T, H * head_dim) from one GEMM over [q k | v] (x read once, as a fused qkv
+        projection), else None."""
+        f = self.features[0]
+        wv = self.value.dense_weight() if len(self.features) == 1 and f.dense else None
+        if wv is None:
+            return None
+        B, T, D = x.shape
+        qk_w = f.dense_matrix()  # (D, 2 h W)
+        y = x.reshape(B * T, D) @ torch.cat([qk_w, wv.t()], dim=1)
+        q, k = f.split(y[:, : qk_w.shape[1]], B, T)
+        return q, k, y[:, qk_w.shape[1]:].view(B, T, -1)
+
     def qkv(self, x: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
         """Scaled, normalized (q, k) features and the values of each head group."""
         B, T, D = x.shape
-        v = self.value(x).view(B, T, self.spec.heads, self.head_dim).transpose(1, 2)
+        fused = self._fused_qkv(x)
+        v = self.value(x) if fused is None else fused[2]
+        v = v.view(B, T, self.spec.heads, self.head_dim).transpose(1, 2)
         out = []
         h0 = 0
         for g, f in enumerate(self.features):
-            q, k = f.token_major(x)  # (B, T, h or 1, W): norms and scales need no transpose
+            # (B, T, h or 1, W): norms and scales need no transpose
+            q, k = f.token_major(x) if fused is None else fused[:2]
             q = self._norm_scale(g, q)
             k = self.k_norm[g](k)
             h = f.heads

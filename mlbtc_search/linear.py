@@ -83,6 +83,14 @@ class StructuredLinear(nn.Module):
         rms = w.pow(2).mean().sqrt()
         return w / torch.clamp(rms / tau, min=1.0)
 
+    def dense_weight(self) -> Tensor | None:
+        """The (m, n) weight when the matrix is one dense level of one block (``forward`` is
+        then ``F.linear(x, W)``), else None: for callers that fuse it into a wider GEMM."""
+        if len(self.plans) != 1 or self.plans[0].kind != "dense" or \
+                self.spec.levels[0].blocks != 1:
+            return None
+        return self._weight(0)[0]
+
     def _level_weights(self, l: int) -> list[Tensor]:
         return [self._weight(i) for i, info in enumerate(self.infos) if info.level == l]
 
