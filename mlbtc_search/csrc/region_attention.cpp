@@ -46,18 +46,18 @@ inline void blas(char ta, char tb, int m, int n, int k, double alpha, const doub
   dgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
 }
 
-// 64-byte vectors (GCC/Clang vector extension: zmm with AVX-512, two ymm with AVX2): gcc does
-// not vectorize the small loops below on its own (it unrolled them into scalar FMAs).
-template <typename T>
+// Vectors of B bytes (GCC/Clang vector extension: 64 = zmm with AVX-512, two ymm with AVX2):
+// gcc does not vectorize the small loops below on its own (it unrolled them to scalar FMAs).
+template <typename T, int B = 64>
 struct Vec {
-  typedef T type __attribute__((vector_size(64)));
-  static constexpr int lanes = 64 / sizeof(T);
+  typedef T type __attribute__((vector_size(B)));
+  static constexpr int lanes = B / sizeof(T);
   static type load(const T* p) {
     type v;
-    std::memcpy(&v, p, 64);
+    std::memcpy(&v, p, B);
     return v;
   }
-  static void store(T* p, const type& v) { std::memcpy(p, &v, 64); }
+  static void store(T* p, const type& v) { std::memcpy(p, &v, B); }
   static T sum(const type& v) {
     T s = 0;
     for (int i = 0; i < lanes; ++i) s += v[i];
@@ -66,44 +66,45 @@ struct Vec {
 };
 
 // c[0..W) += alpha sum_p a[p * astep] B[p, 0..W): the W accumulators stay in vector registers
-// over p (a store and reload of c per p would chain through store forwarding).
+// over p (a store and reload of c per p would chain through store forwarding). W * sizeof(T)
+// is a multiple of 16 bytes; vectors of up to 64 bytes.
 template <typename T, int W>
 inline void axpy_block(int64_t K, const T* a, int64_t astep, T alpha, const T* B, int64_t ldb,
                        T* c) {
-  using V = Vec<T>;
-  constexpr int L = V::lanes;
-  if constexpr (W % L == 0) {
-    typename V::type acc[W / L];
-    for (int v = 0; v < W / L; ++v) acc[v] = V::load(c + v * L);
-    for (int64_t p = 0; p < K; ++p) {
-      const T ap = alpha * a[p * astep];
-      const T* b = B + p * ldb;
-      for (int v = 0; v < W / L; ++v) acc[v] += V::load(b + v * L) * ap;
-    }
-    for (int v = 0; v < W / L; ++v) V::store(c + v * L, acc[v]);
-  } else {
-    for (int64_t p = 0; p < K; ++p) {
-      const T ap = alpha * a[p * astep];
-      const T* b = B + p * ldb;
-      for (int t = 0; t < W; ++t) c[t] += ap * b[t];
-    }
+  constexpr int bytes = W * (int)sizeof(T) >= 64 ? 64 : W * (int)sizeof(T);
+  using V = Vec<T, bytes>;
+  constexpr int L = V::lanes, NV = W / L;
+  typename V::type acc[NV];
+  for (int v = 0; v < NV; ++v) acc[v] = V::load(c + v * L);
+  for (int64_t p = 0; p < K; ++p) {
+    const T ap = alpha * a[p * astep];
+    const T* b = B + p * ldb;
+    for (int v = 0; v < NV; ++v) acc[v] += V::load(b + v * L) * ap;
   }
+  for (int v = 0; v < NV; ++v) V::store(c + v * L, acc[v]);
 }
 
-// alpha a[0..K) . B[j, 0..K) for four rows j at once (independent vector accumulators).
+// c[r] += alpha a[0..K) . B[r, 0..K) for four rows r at once (independent vector accumulators;
+// the tail of K in 16-byte vectors, then scalars).
 template <typename T>
 inline void dot4(int64_t K, const T* a, const T* B, int64_t ldb, T alpha, T* c) {
   using V = Vec<T>;
-  constexpr int L = V::lanes;
+  using S = Vec<T, 16>;
+  constexpr int L = V::lanes, LS = S::lanes;
   const T* b[4] = {B, B + ldb, B + 2 * ldb, B + 3 * ldb};
   typename V::type acc[4] = {};
+  typename S::type acs[4] = {};
   int64_t p = 0;
   for (; p + L <= K; p += L) {
     const auto av = V::load(a + p);
     for (int r = 0; r < 4; ++r) acc[r] += av * V::load(b[r] + p);
   }
+  for (; p + LS <= K; p += LS) {
+    const auto av = S::load(a + p);
+    for (int r = 0; r < 4; ++r) acs[r] += av * S::load(b[r] + p);
+  }
   for (int r = 0; r < 4; ++r) {
-    T s = V::sum(acc[r]);
+    T s = V::sum(acc[r]) + S::sum(acs[r]);
     for (int64_t q = p; q < K; ++q) s += a[q] * b[r][q];
     c[r] += alpha * s;
   }
@@ -153,7 +154,8 @@ void gemm(char ta, char tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A
       for (; j + 64 <= N; j += 64) axpy_block<T, 64>(K, a, astep, alpha, B + j, ldb, c + j);
       for (; j + 16 <= N; j += 16) axpy_block<T, 16>(K, a, astep, alpha, B + j, ldb, c + j);
       for (; j + 4 <= N; j += 4) axpy_block<T, 4>(K, a, astep, alpha, B + j, ldb, c + j);
-      for (; j < N; ++j) axpy_block<T, 1>(K, a, astep, alpha, B + j, ldb, c + j);
+      for (; j < N; ++j)
+        for (int64_t p = 0; p < K; ++p) c[j] += alpha * a[p * astep] * B[p * ldb + j];
     }
   }
 }
