@@ -225,8 +225,9 @@ class Attention(nn.Module):
         B, T, D = x.shape
         qk_w = f.dense_matrix()  # (D, 2 h W)
         y = x.reshape(B * T, D) @ torch.cat([qk_w, wv.t()], dim=1)
-        q, k = f.split(y[:, : qk_w.shape[1]], B, T)
-        return q, k, y[:, qk_w.shape[1]:].view(B, T, -1)
+        qk, v = y.split([qk_w.shape[1], wv.shape[0]], dim=1)  # backward: one cat, no zero fill
+        q, k = f.split(qk, B, T)
+        return q, k, v.view(B, T, -1)
 
     def qkv(self, x: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
         """Scaled, normalized (q, k) features and the values of each head group."""
@@ -259,7 +260,8 @@ class Attention(nn.Module):
                 ys.append(K.multilevel_attention(q, k, v, f.level_widths, sizes,
                                                  self.spec.causal,
                                                  self.spec.mean_over_shared_levels))
-        y = torch.cat(ys, dim=1).transpose(1, 2).reshape(B, T, D)  # (B, T, H * head_dim)
+        y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)  # (B, H, T, head_dim)
+        y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, H * head_dim)
         return self.output(y)
 
     # ---- analytic costs (attention_plan) ---------------------------------------------
