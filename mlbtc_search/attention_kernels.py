@@ -1,12 +1,13 @@
 """Attention kernels over projected q, k, v: multi-level (MLR over the sequence) and window.
 
 The region plan and the exact costs are pure data in ``attention_regions``. Every rectangle of
-the plan (and every window chunk) runs through one primitive, ``_attend``: q.k at the width the
+the plan (and every window chunk) runs as one attention at its own widths (``attention_attend``,
+or at unequal widths on CPU the fused C++ kernel of ``attention_cpu``): q.k at the width the
 rectangle needs (its prefix r_0 + ... + r_l, or a bilinear form's min-cut width) and ``P V`` at
 the value width; nothing is padded, so what runs is what ``attend_cost`` charges. The partial
 outputs merge exactly through their log-sum-exps (split-KV flash attention); the backward runs
-``_attend_backward`` per rectangle with the *merged* output and log-sum-exp, which gives exactly
-that rectangle's share of dQ, dK and dV.
+each rectangle's backward with the *merged* output and log-sum-exp, which gives exactly that
+rectangle's share of dQ, dK and dV.
 
 Which path runs when, and why:
 
@@ -24,8 +25,8 @@ Which path runs when, and why:
   backward, against 28 and 45 ms for the unfused path below.
 - the same without the C++ kernel (no compiler, ``MLBTC_CPU_KERNEL=0``, other dtypes, tracing):
   two matmuls around an in-place softmax (max, exp, sum), in chunks of heads whose scores fit
-  in cache (``CHUNK_ENTRIES``); the rectangle exists one chunk at a time, never T x T. The
-  backward recomputes the scores, as flash does.
+  in cache (``attention_attend.CHUNK_ENTRIES``); the rectangle exists one chunk at a time,
+  never T x T. The backward recomputes the scores, as flash does.
 - causal masks: a flash call skips masked tiles and is charged the allowed pairs; the C++ and
   unfused paths compute a masked block whole, so their causal blocks are cut down to
   ``CAUSAL_FINEST_BLOCK`` (64) by virtual halving levels: every structure pays about T^2/2.
@@ -38,7 +39,6 @@ Which path runs when, and why:
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import attention_cpu
+from .attention_attend import _attend, _attend_backward, _one_dtype
 from .attention_flex import (
     flex_multilevel_attention,
     flex_runs,
@@ -67,91 +68,6 @@ from .attention_regions import (
     window_geometry,
 )
 from .errors import SpecError
-
-_flash_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-_flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-
-
-# ----------------------------------------------------------------------------------------------
-# One attention at its own widths: (o, lse) forward and the backward from (merged) o, lse
-
-
-def _fused(q: Tensor, v: Tensor) -> bool:
-    """The fused CPU flash kernel runs when q.k and value widths are equal (and nonzero)."""
-    return q.device.type == "cpu" and fused(q.shape[-1], v.shape[-1])
-
-
-# Entries of one score chunk of the unfused path: 256K floats (1 MiB in fp32) stay in cache;
-# one 512 x 512 rectangle per step ran 1.9x faster than all 32 heads at once (2 threads).
-CHUNK_ENTRIES = 1 << 18
-
-
-def _chunks(x: Tensor, lk: int) -> range:
-    """Steps over dim 0 of x (N, M, Lq, E) so that one step's scores hold ~CHUNK_ENTRIES."""
-    per = max(1, x.shape[1] * x.shape[2] * lk)
-    return range(0, x.shape[0], max(1, CHUNK_ENTRIES // per))
-
-
-def _scores(q: Tensor, k: Tensor, causal: bool, mask: Tensor | None, scale: float) -> Tensor:
-    s = q @ k.transpose(-1, -2)  # (n, M, Lq, Lk)
-    if scale != 1.0:
-        s.mul_(scale)
-    if mask is not None:
-        s.add_(mask)
-    if causal:
-        Lq, Lk = s.shape[-2:]
-        upper = torch.ones(Lq, Lk, dtype=torch.bool, device=s.device).triu(1)
-        s.masked_fill_(upper, float("-inf"))
-    return s
-
-
-def _attend(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool, mask: Tensor | None = None, scale: float = 1.0
-) -> tuple[Tensor, Tensor]:
-    """q, k (N, M, Lq|Lk, E), v (N, M, Lk, Ev) -> (out (N, M, Lq, Ev), lse (N, M, Lq)); scale 1.
-
-    ``mask``: additive, broadcast over N. Fused flash kernel or, chunked over N, two matmuls
-    around an in-place softmax (no autograd runs inside).
-    """
-    if _fused(q, v):
-        return _flash_fwd(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
-    N, M, Lq, _ = q.shape
-    out = q.new_empty(N, M, Lq, v.shape[-1])
-    lse = q.new_empty(N, M, Lq)
-    step = _chunks(q, k.shape[2]).step
-    for i in range(0, N, step):
-        c = slice(i, i + step)
-        s = _scores(q[c], k[c], causal, mask, scale)  # (n, M, Lq, Lk)
-        m = s.amax(-1, keepdim=True).clamp_(min=torch.finfo(s.dtype).min)
-        p = s.sub_(m).exp_()
-        total = p.sum(-1, keepdim=True)
-        out[c] = (p @ v[c]).div_(total)  # (no out=: torch.export traces this with grad on)
-        lse[c] = (m + total.log()).squeeze(-1)
-    return out, lse
-
-
-def _attend_backward(
-    go: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
-    mask: Tensor | None = None, scale: float = 1.0,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """dQ, dK, dV of ``_attend`` given the (merged) output and log-sum-exp of the query rows."""
-    if _fused(q, v):
-        return _flash_bwd(go, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    delta = (go * out).sum(-1, keepdim=True)  # (N, M, Lq, 1)
-    lse = lse.to(q.dtype).unsqueeze(-1)
-    step = _chunks(q, k.shape[2]).step
-    for i in range(0, q.shape[0], step):
-        c = slice(i, i + step)
-        p = _scores(q[c], k[c], causal, mask, scale).sub_(lse[c]).exp_()  # (n, M, Lq, Lk)
-        torch.matmul(p.transpose(-1, -2), go[c], out=dv[c])
-        ds = (go[c] @ v[c].transpose(-1, -2)).sub_(delta[c]).mul_(p)  # dS (n, M, Lq, Lk)
-        if scale != 1.0:
-            ds.mul_(scale)
-        torch.matmul(ds, k[c], out=dq[c])
-        torch.matmul(ds.transpose(-1, -2), q[c], out=dk[c])
-    return dq, dk, dv
-
 
 # ----------------------------------------------------------------------------------------------
 # Region operands (views of (B, H, T, C) tensors where possible) and the exact merge
@@ -407,18 +323,6 @@ def _window_mask(T: int, nc: int, window: int, kw: int, causal: bool, like: Tens
     ok = real & (band | (t >= T))
     mask = torch.zeros(nc, window, kw, dtype=like.dtype, device=like.device)
     return mask.masked_fill_(~ok, float("-inf")).unsqueeze(0)
-
-
-def _one_dtype(*ts: Tensor) -> tuple[tuple[Tensor, ...], contextlib.AbstractContextManager]:
-    """Operands of one dtype and a context that turns autocast off around a kernel's autograd
-    Function: autocast would mix dtypes in its forward and never reaches its backward. Under
-    autocast the operands take the autocast dtype (bf16 on CUDA), else q's (a no-op in fp32).
-    The casts run outside the Function, so autograd casts the gradients back."""
-    dev = ts[0].device.type
-    on = torch.is_autocast_enabled(dev)
-    dtype = torch.get_autocast_dtype(dev) if on else ts[0].dtype
-    guard = torch.autocast(dev, enabled=False) if on else contextlib.nullcontext()
-    return tuple(t.to(dtype) for t in ts), guard
 
 
 def window_attention(

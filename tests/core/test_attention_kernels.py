@@ -117,10 +117,12 @@ def test_buffer_reference_matches_dense(widths, block_sizes, T, dv, causal):
 
 def test_unfused_path_in_chunks_matches_dense(monkeypatch):
     """The unfused path splits the heads into chunks that keep the scores in cache; with tiny
-    chunks (one rectangle per step) the result and gradients are unchanged."""
-    from mlbtc_search import attention_kernels
+    chunks (one rectangle per step) the result and gradients are unchanged (the fused C++
+    kernel off, as without a compiler)."""
+    from mlbtc_search import attention_attend, attention_cpu
 
-    monkeypatch.setattr(attention_kernels, "CHUNK_ENTRIES", 16)
+    monkeypatch.setenv(attention_cpu.ENV, "0")
+    monkeypatch.setattr(attention_attend, "CHUNK_ENTRIES", 16)
     widths, block_sizes, T, dv = (4, 3, 2), (None, 8, 4), 13, 9
     q, k, v = qkv(T, sum(widths), dv, grad=True)
     out = multilevel_attention(q, k, v, widths, block_sizes, True)
