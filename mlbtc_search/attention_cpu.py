@@ -68,8 +68,11 @@ def _build() -> bool:
     if not built:
         print("mlbtc: compiling the fused CPU attention kernel (once per machine, about a "
               "minute)...", file=sys.stderr, flush=True)
-    cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=FLAGS,
-                       extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+    # inline: torch writes the source into the build directory, so the build does not depend on
+    # where this checkout lives (``load(sources=[path])`` rebuilt, silently, for every new path)
+    cpp_extension.load_inline(name=name, cpp_sources=[SOURCE.read_text()], extra_cflags=FLAGS,
+                              extra_ldflags=["-fopenmp"], is_python_module=False,
+                              no_implicit_headers=True, verbose=False)
     return hasattr(torch.ops.mlbtc, "attend_merge")
 
 

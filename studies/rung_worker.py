@@ -35,22 +35,12 @@ def run_rung(payload: dict[str, Any]) -> dict[str, Any]:
     :class:`~trainers.continuation.TrainState`, or None to train from scratch; None for all)
     and ``keep_state``. Never raises for a training problem: ``{"error": ...}``.
     """
-    from .worker import GpuShare, _where, add_model_outputs
+    from .worker import GpuShare, _where, add_model_outputs, setup
 
     where = _where()
     share = GpuShare(payload)
     try:
-        import torch
-
-        from mlbtc_search.model import ModelSpec
-        from trainers.tasks import get_task
-        from trainers.train import TrainConfig
-
-        torch.set_num_threads(int(payload.get("threads") or 1))
-        task = get_task(payload["task"]["name"], **payload["task"].get("options", {}))
-        spec = ModelSpec.from_dict(payload["spec"])
-        config = TrainConfig(**payload.get("train", {}))
-        share.cap(config.device)
+        task, spec, config = setup(payload, share)
         cpu = time.process_time()
         seed0, k = int(payload["seed"]), int(payload.get("seeds") or 1)
         states = list(payload.get("states") or [])[:k]

@@ -127,22 +127,31 @@ class GpuShare:
         return f"{type(exc).__name__}: {detail}"
 
 
+def setup(payload: dict[str, Any], share: GpuShare) -> tuple[Any, Any, Any]:
+    """(task, model spec, TrainConfig) of a worker payload; sets the thread count and applies
+    the GPU share's memory cap. Imports torch (the worker's first use of it)."""
+    import torch
+
+    from mlbtc_search.model import ModelSpec
+    from trainers.tasks import get_task
+    from trainers.train import TrainConfig
+
+    torch.set_num_threads(int(payload.get("threads") or 1))
+    task = get_task(payload["task"]["name"], **payload["task"].get("options", {}))
+    spec = ModelSpec.from_dict(payload["spec"])
+    config = TrainConfig(**payload.get("train", {}))
+    share.cap(config.device)
+    return task, spec, config
+
+
 def run_trial(payload: dict[str, Any]) -> dict[str, Any]:
     """Train one trial (see the module doc); never raises for a training problem."""
     where = _where()
     share = GpuShare(payload)
     try:
-        import torch
+        from trainers.train import train
 
-        from mlbtc_search.model import ModelSpec
-        from trainers.tasks import get_task
-        from trainers.train import TrainConfig, train
-
-        torch.set_num_threads(int(payload.get("threads") or 1))
-        task = get_task(payload["task"]["name"], **payload["task"].get("options", {}))
-        spec = ModelSpec.from_dict(payload["spec"])
-        config = TrainConfig(**payload.get("train", {}))
-        share.cap(config.device)
+        task, spec, config = setup(payload, share)
         cpu = time.process_time()
         seed0 = int(payload["seed"])
         result = train(spec, task, float(payload["budget_flops"]), seed=seed0, config=config)

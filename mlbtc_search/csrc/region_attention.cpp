@@ -116,6 +116,7 @@ template <typename T>
 void gemm(char ta, char tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
           const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
   if (M == 0 || N == 0) return;
+  TORCH_CHECK(ta == 'N' || tb == 'N', "gemm: op(A) op(B) with both transposed is not used");
   if (K == 0) {
     if (beta == T(0))
       for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, T(0));
@@ -130,7 +131,7 @@ void gemm(char ta, char tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A
   for (int64_t i = 0; i < M; ++i) {
     T* c = C + i * ldc;
     if (beta == T(0)) std::fill(c, c + N, T(0));
-    if (tb == 'T' && ta == 'N') {  // c[j] += alpha a(i,:) . B[j,:], four dots at a time
+    if (tb == 'T') {  // c[j] += alpha a(i,:) . B[j,:], four dots at a time (ta is 'N')
       const T* a = A + i * lda;    // (independent accumulator chains, not one FMA latency each)
       int64_t j = 0;
       for (; j + 4 <= N; j += 4) dot4(K, a, B + j * ldb, ldb, alpha, c + j);
@@ -138,13 +139,6 @@ void gemm(char ta, char tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A
         const T* b = B + j * ldb;
         T acc = 0;
         for (int64_t p = 0; p < K; ++p) acc += a[p] * b[p];
-        c[j] += alpha * acc;
-      }
-    } else if (tb == 'T') {  // (not used by the kernels) c[j] += alpha sum_p A[p,i] B[j,p]
-      for (int64_t j = 0; j < N; ++j) {
-        const T* b = B + j * ldb;
-        T acc = 0;
-        for (int64_t p = 0; p < K; ++p) acc += A[p * lda + i] * b[p];
         c[j] += alpha * acc;
       }
     } else {  // c += alpha * sum_p a(i,p) B[p,:], in register blocks of columns
