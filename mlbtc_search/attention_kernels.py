@@ -109,6 +109,17 @@ def _views(q: Tensor, k: Tensor, v: Tensor, r: Region) -> tuple[Tensor, Tensor, 
     )
 
 
+def _head_major(t: Tensor) -> Tensor:
+    """``t`` (B, H, T, C) with each head's rows packed (unit stride on C, rows C apart), for the
+    C++ kernel: from a token-major view (the values' rows are a whole fused q|k|v row apart)
+    every row of a small region is on its own page. A broadcast head dim (stride 0) stays one."""
+    if t.stride(-1) == 1 and (t.shape[-2] == 1 or t.stride(-2) == t.shape[-1]):
+        return t
+    if t.shape[1] > 1 and t.stride(1) == 0:
+        return t[:, :1].contiguous().expand(t.shape)
+    return t.contiguous()
+
+
 def _put(dst: Tensor, src: Tensor, first: bool) -> None:
     """``dst = src`` on the first (covering) pass, else ``dst += src``."""
     if first:
@@ -147,8 +158,8 @@ class _RegionAttention(torch.autograd.Function):
         out = q.new_empty(B, H, T, dv, dtype=acc)
         lse = q.new_empty(B, H, T, dtype=acc)
         native = attention_cpu.usable(q, k, v)
-        if native:  # its operands need unit stride on the feature dim
-            q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        if native:
+            q, k, v = (_head_major(t) for t in (q, k, v))
         for r in regions:
             if native and not fused(r.prefix, dv):  # fused C++ rectangle, merged in place
                 attention_cpu.attend_merge(*_views(q, k, v, r), _rows(out, r, r.q_off, r.q_len),

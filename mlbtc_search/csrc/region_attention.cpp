@@ -58,56 +58,41 @@ struct Vec {
     return v;
   }
   static void store(T* p, const type& v) { std::memcpy(p, &v, B); }
-  static T sum(const type& v) {
-    T s = 0;
-    for (int i = 0; i < lanes; ++i) s += v[i];
-    return s;
-  }
 };
 
-// c[0..W) += alpha sum_p a[p * astep] B[p, 0..W): the W accumulators stay in vector registers
-// over p (a store and reload of c per p would chain through store forwarding). W * sizeof(T)
-// is a multiple of 16 bytes; vectors of up to 64 bytes.
-template <typename T, int W>
-inline void axpy_block(int64_t K, const T* a, int64_t astep, T alpha, const T* B, int64_t ldb,
-                       T* c) {
+// C[r, 0..W) += alpha sum_p A(r, p) B[p, 0..W) for R rows r at once, A(r, p) = a[r * ar + p * ap]:
+// R x W/lanes accumulators stay in vector registers over p (B's vectors loaded once per p for
+// all R rows; R independent FMA chains instead of one). W * sizeof(T) is a multiple of 16 bytes.
+template <typename T, int W, int R>
+inline void micro(int64_t K, const T* a, int64_t ar, int64_t ap, T alpha, const T* B, int64_t ldb,
+                  T* C, int64_t ldc) {
   constexpr int bytes = W * (int)sizeof(T) >= 64 ? 64 : W * (int)sizeof(T);
   using V = Vec<T, bytes>;
   constexpr int L = V::lanes, NV = W / L;
-  typename V::type acc[NV];
-  for (int v = 0; v < NV; ++v) acc[v] = V::load(c + v * L);
+  typename V::type acc[R][NV] = {};
   for (int64_t p = 0; p < K; ++p) {
-    const T ap = alpha * a[p * astep];
     const T* b = B + p * ldb;
-    for (int v = 0; v < NV; ++v) acc[v] += V::load(b + v * L) * ap;
+    typename V::type bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = V::load(b + v * L);
+    for (int r = 0; r < R; ++r) {
+      const T ar_p = a[r * ar + p * ap];
+      for (int v = 0; v < NV; ++v) acc[r][v] += bv[v] * ar_p;
+    }
   }
-  for (int v = 0; v < NV; ++v) V::store(c + v * L, acc[v]);
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) {
+      T* c = C + r * ldc + v * L;
+      V::store(c, V::load(c) + acc[r][v] * alpha);
+    }
 }
 
-// c[r] += alpha a[0..K) . B[r, 0..K) for four rows r at once (independent vector accumulators;
-// the tail of K in 16-byte vectors, then scalars).
-template <typename T>
-inline void dot4(int64_t K, const T* a, const T* B, int64_t ldb, T alpha, T* c) {
-  using V = Vec<T>;
-  using S = Vec<T, 16>;
-  constexpr int L = V::lanes, LS = S::lanes;
-  const T* b[4] = {B, B + ldb, B + 2 * ldb, B + 3 * ldb};
-  typename V::type acc[4] = {};
-  typename S::type acs[4] = {};
-  int64_t p = 0;
-  for (; p + L <= K; p += L) {
-    const auto av = V::load(a + p);
-    for (int r = 0; r < 4; ++r) acc[r] += av * V::load(b[r] + p);
-  }
-  for (; p + LS <= K; p += LS) {
-    const auto av = S::load(a + p);
-    for (int r = 0; r < 4; ++r) acs[r] += av * S::load(b[r] + p);
-  }
-  for (int r = 0; r < 4; ++r) {
-    T s = V::sum(acc[r]) + S::sum(acs[r]);
-    for (int64_t q = p; q < K; ++q) s += a[q] * b[r][q];
-    c[r] += alpha * s;
-  }
+// C[0..M, 0..W) += alpha A B for one column block of width W: rows four at a time.
+template <typename T, int W>
+inline void micro_rows(int64_t M, int64_t K, const T* a, int64_t ar, int64_t ap, T alpha,
+                       const T* B, int64_t ldb, T* C, int64_t ldc) {
+  int64_t i = 0;
+  for (; i + 4 <= M; i += 4) micro<T, W, 4>(K, a + i * ar, ar, ap, alpha, B, ldb, C + i * ldc, ldc);
+  for (; i < M; ++i) micro<T, W, 1>(K, a + i * ar, ar, ap, alpha, B, ldb, C + i * ldc, ldc);
 }
 
 // Row-major C (M x N, ldc) = alpha op(A) op(B) + beta C, op by ta/tb ('N' or 'T'); A is M x K
@@ -117,49 +102,54 @@ void gemm(char ta, char tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A
           const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
   if (M == 0 || N == 0) return;
   TORCH_CHECK(ta == 'N' || tb == 'N', "gemm: op(A) op(B) with both transposed is not used");
-  if (K == 0) {
-    if (beta == T(0))
-      for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, T(0));
-    return;
-  }
-  if (M * N * K >= SMALL) {
+  if (K > 0 && M * N * K >= SMALL) {
     // row-major C = op(A) op(B)  <=>  column-major C^T = op(B)^T op(A)^T
     blas(tb, ta, (int)N, (int)M, (int)K, alpha, B, (int)std::max<int64_t>(ldb, 1), A,
          (int)std::max<int64_t>(lda, 1), beta, C, (int)std::max<int64_t>(ldc, 1));
     return;
   }
-  for (int64_t i = 0; i < M; ++i) {
-    T* c = C + i * ldc;
-    if (beta == T(0)) std::fill(c, c + N, T(0));
-    if (tb == 'T') {  // c[j] += alpha a(i,:) . B[j,:], four dots at a time (ta is 'N')
-      const T* a = A + i * lda;    // (independent accumulator chains, not one FMA latency each)
-      int64_t j = 0;
-      for (; j + 4 <= N; j += 4) dot4(K, a, B + j * ldb, ldb, alpha, c + j);
-      for (; j < N; ++j) {
-        const T* b = B + j * ldb;
-        T acc = 0;
-        for (int64_t p = 0; p < K; ++p) acc += a[p] * b[p];
-        c[j] += alpha * acc;
-      }
-    } else {  // c += alpha * sum_p a(i,p) B[p,:], in register blocks of columns
-      const T* a = ta == 'N' ? A + i * lda : A + i;
-      const int64_t astep = ta == 'N' ? 1 : lda;
-      int64_t j = 0;
-      for (; j + 64 <= N; j += 64) axpy_block<T, 64>(K, a, astep, alpha, B + j, ldb, c + j);
-      for (; j + 16 <= N; j += 16) axpy_block<T, 16>(K, a, astep, alpha, B + j, ldb, c + j);
-      for (; j + 4 <= N; j += 4) axpy_block<T, 4>(K, a, astep, alpha, B + j, ldb, c + j);
-      for (; j < N; ++j)
-        for (int64_t p = 0; p < K; ++p) c[j] += alpha * a[p * astep] * B[p * ldb + j];
-    }
+  if (beta == T(0))
+    for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, T(0));
+  if (K == 0) return;
+  // Small: C += alpha sum_p A(:, p) B[p, :], vectors along C's rows. B given as N x K ('T', the
+  // scores Q K^T of a small rectangle) is first transposed into a K x N buffer: dot products
+  // along K would end in one horizontal sum per output, which cost more than the FMAs at
+  // rectangles of 8-32 keys.
+  thread_local std::vector<T> bt;
+  if (tb == 'T') {
+    bt.resize(K * N);
+    for (int64_t j = 0; j < N; ++j)
+      for (int64_t p = 0; p < K; ++p) bt[p * N + j] = B[j * ldb + p];
+    B = bt.data();
+    ldb = N;
   }
+  const int64_t ar = ta == 'N' ? lda : 1, ap = ta == 'N' ? 1 : lda;
+  int64_t j = 0;
+  if constexpr (sizeof(T) == 4)  // (4 x 8 zmm of doubles would not fit the registers)
+    for (; j + 64 <= N; j += 64)
+      micro_rows<T, 64>(M, K, A, ar, ap, alpha, B + j, ldb, C + j, ldc);
+  for (; j + 32 <= N; j += 32) micro_rows<T, 32>(M, K, A, ar, ap, alpha, B + j, ldb, C + j, ldc);
+  for (; j + 16 <= N; j += 16) micro_rows<T, 16>(M, K, A, ar, ap, alpha, B + j, ldb, C + j, ldc);
+  for (; j + 8 <= N; j += 8) micro_rows<T, 8>(M, K, A, ar, ap, alpha, B + j, ldb, C + j, ldc);
+  for (; j + 4 <= N; j += 4) micro_rows<T, 4>(M, K, A, ar, ap, alpha, B + j, ldb, C + j, ldc);
+  for (; j < N; ++j)
+    for (int64_t i = 0; i < M; ++i) {
+      T acc = 0;
+      for (int64_t p = 0; p < K; ++p) acc += A[i * ar + p * ap] * B[p * ldb + j];
+      C[i * ldc + j] += alpha * acc;
+    }
 }
 
-struct View {  // a (B, H, N, L, C) view, unit stride on C; batch item m = (b * H + h) * N + n
+struct Item {  // batch item m = (b * H + h) * N + n, split once (not per operand)
+  int64_t b, h, n;
+  Item(int64_t m, int64_t H, int64_t N) : b(m / (N * H)), h((m / N) % H), n(m % N) {}
+};
+
+struct View {  // a (B, H, N, L, C) view, unit stride on C
   int64_t H, N, sb, sh, sn, sl;
   template <typename T>
-  T* at(T* base, int64_t m, int64_t l) const {
-    const int64_t n = m % N, h = (m / N) % H, b = m / (N * H);
-    return base + b * sb + h * sh + n * sn + l * sl;
+  T* at(T* base, const Item& it, int64_t l) const {
+    return base + it.b * sb + it.h * sh + it.n * sn + l * sl;
   }
 };
 
@@ -185,9 +175,10 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const int64_t bq = std::min(BQ, Lq);
     std::vector<T> s(bq * std::min(BK, Lk)), acc(bq * Ev), mx(bq), sum(bq), alpha(bq);
     for (int64_t w = begin; w < end; ++w) {
-      const int64_t m = w / qtiles, i0 = (w % qtiles) * BQ;
+      const int64_t i0 = (w % qtiles) * BQ;
       const int64_t nq = std::min(BQ, Lq - i0);
-      const T* Q = vq.at(qp, m, i0);  // an item's base pointers once (View::at divides)
+      const Item m(w / qtiles, vq.H, vq.N);
+      const T* Q = vq.at(qp, m, i0);
       const T* K0 = vk.at(kp, m, 0);
       const T* V0 = vv.at(vp, m, 0);
       T* O = vo.at(op, m, i0);
@@ -201,20 +192,23 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         gemm<T>('N', 'T', nq, nk, E, scale, Q, vq.sl, Kt, vk.sl, T(0), s.data(), nk);
         // online softmax: per-row max and shift, then one exp over the whole tile (vectorized
         // also when rows are short), then per-row sums and rescales of the accumulator
+        // (masked entries are set to 0 before the exp and to 0 after it: the vector exp takes
+        // a slow scalar path for huge negative inputs, which doubled small causal blocks)
         for (int64_t i = 0; i < nq; ++i) {
           T* row = s.data() + i * nk;
-          if (causal)
-            for (int64_t j = std::max<int64_t>(0, i0 + i + 1 - j0); j < nk; ++j) row[j] = ninf;
+          const int64_t lim = causal ? std::clamp<int64_t>(i0 + i + 1 - j0, 0, nk) : nk;
           T rmax = mx[i];
-          for (int64_t j = 0; j < nk; ++j) rmax = std::max(rmax, row[j]);
-          alpha[i] = rmax == ninf ? T(1) : std::exp(mx[i] - rmax);  // 0 on the first tile
+          for (int64_t j = 0; j < lim; ++j) rmax = std::max(rmax, row[j]);
+          alpha[i] = rmax == ninf || mx[i] == ninf ? T(rmax == ninf) : std::exp(mx[i] - rmax);
           mx[i] = rmax;
-          for (int64_t j = 0; j < nk; ++j) row[j] = rmax == ninf ? ninf : row[j] - rmax;
+          for (int64_t j = 0; j < lim; ++j) row[j] -= rmax;
+          std::fill(row + lim, row + nk, T(0));
         }
         T* sp = s.data();
-        for (int64_t t = 0; t < nq * nk; ++t) sp[t] = std::exp(sp[t]);  // masked: exp(lowest) = 0
+        for (int64_t t = 0; t < nq * nk; ++t) sp[t] = std::exp(sp[t]);
         for (int64_t i = 0; i < nq; ++i) {
-          const T* row = sp + i * nk;
+          T* row = sp + i * nk;
+          if (causal) std::fill(row + std::clamp<int64_t>(i0 + i + 1 - j0, 0, nk), row + nk, T(0));
           T rs = 0;
           for (int64_t j = 0; j < nk; ++j) rs += row[j];
           sum[i] = sum[i] * alpha[i] + rs;
@@ -264,7 +258,8 @@ void backward_impl(const at::Tensor& go, const at::Tensor& q, const at::Tensor& 
     const int64_t bk = std::min(BK, Lk);
     const int64_t bq = std::min(BQ, Lq);
     std::vector<T> p(bq * bk), ds(bq * bk), delta(bq);
-    for (int64_t m = begin; m < end; ++m) {
+    for (int64_t w = begin; w < end; ++w) {
+      const Item m(w, vq.H, vq.N);
       T* DQ = vdq.at(dqp, m, 0);
       T* DK = vdk.at(dkp, m, 0);
       T* DV = vdv.at(dvp, m, 0);
@@ -291,10 +286,14 @@ void backward_impl(const at::Tensor& go, const at::Tensor& q, const at::Tensor& 
             const T l = L0[(i0 + i) * vl.sl];
             const int64_t lim = causal ? std::clamp<int64_t>(i0 + i + 1 - j0, 0, nk) : nk;
             for (int64_t j = 0; j < lim; ++j) row[j] -= l;
-            for (int64_t j = lim; j < nk; ++j) row[j] = std::numeric_limits<T>::lowest();
+            std::fill(row + lim, row + nk, T(0));  // (no huge negative exp inputs, see forward)
           }
           T* pp = p.data();
           for (int64_t t = 0; t < nq * nk; ++t) pp[t] = std::exp(pp[t]);  // one vectorized pass
+          if (causal)
+            for (int64_t i = 0; i < nq; ++i)
+              std::fill(pp + i * nk + std::clamp<int64_t>(i0 + i + 1 - j0, 0, nk), pp + (i + 1) * nk,
+                        T(0));
           // dV += P^T dO;  dP = dO V^T;  dS = P (dP - delta) scale;  dQ += dS K;  dK += dS^T Q
           // first: the first q tile writes dK, dV rows and the first kv tile dQ rows (beta 0)
           const T bkv = first && i0 == 0 ? T(0) : T(1), bq_ = first && j0 == 0 ? T(0) : T(1);
