@@ -52,6 +52,24 @@ def test_fused_kernel_equals_unfused_path(widths, block_sizes, T, dv, causal, mo
 
 @needs_kernel
 @pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("widths, block_sizes, T, dv", CONFIGS + [
+    ((20, 17), (None, 4), 22, 33),  # q.k widths over one 16-float vector, with tails
+    ((16, 16), (None, 8), 16, 16),  # whole vectors, blocks of 4 x 4 dot products exactly
+])
+def test_float32_small_rectangles(widths, block_sizes, T, dv, causal):
+    """float32 takes the kernel's own small-GEMM code (register blocks of dot products, masked
+    loads for widths that are not whole vectors, edge rows and keys): equal to the float64
+    dense reference to float32 rounding."""
+    fused, (q, k, v, go) = _run(widths, block_sizes, T, dv, causal, torch.float32, seed=3)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = dense_multilevel(q64, k64, v64, widths, block_sizes, causal)
+    grads = torch.autograd.grad(ref, (q64, k64, v64), go.double())
+    for a, b in zip(fused, (ref, *grads), strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=2e-3, atol=2e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("causal", [True, False])
 def test_long_rectangles_cross_tiles_float32(causal):
     """Rectangles longer than one tile (256 queries x 512 keys), also the first (covering) one
     when not causal: writes, not adds, from its first tile on."""
