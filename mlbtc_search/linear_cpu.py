@@ -28,6 +28,7 @@ from torch.autograd.function import once_differentiable
 
 from . import cpu_build
 
+ENV = cpu_build.ENV  # MLBTC_CPU_KERNEL=0 turns it off
 SOURCE = Path(__file__).with_name("csrc") / "btt_linear.cpp"
 # Rows per chunk: the chunk's intermediate z (rows x k*C*S*B) stays in the 2 MB L2 (D=4096,
 # fp32: 64 KB... measured in benchmarks/bench_matrices.py)

@@ -106,7 +106,7 @@ struct Prefetch {
   void plan(int64_t steps) {  // spread over this many steps (tiles of the current item)
     int64_t lines = 0;
     for (int i = 0; i < nr; ++i) lines += r[i].rows * r[i].row_lines;
-    per_step = (lines + steps - 1) / std::max<int64_t>(steps, 1);
+    per_step = getenv("BTT_NOPF") ? 0 : (lines + steps - 1) / std::max<int64_t>(steps, 1);
   }
   void step() {
     for (int64_t q = 0; q < per_step && cur < nr; ++q) {
@@ -184,6 +184,9 @@ void bgemm(const BOp<T>& o, int64_t M, int64_t NV, int64_t K, bool acc, Prefetch
       s.B += v0 * o.bvs;
       s.C += i0 * o.crs + v0 * o.cvs;
       if (o.C2) s.C2 += i0 * o.crs + v0 * o.cvs;
+      if (acc && i0 + BM < M)  // the next tile's accumulators (weight gradients: L3) into L1
+        for (int i = 0; i < BM && i0 + BM + i < M; ++i)
+          for (int v = 0; v < nv; ++v) __builtin_prefetch(s.C + (BM + i) * o.crs + v * o.cvs, 1, 3);
       switch (std::min<int64_t>(BM, M - i0)) {
         case 1: bdisp<T, 1>(nv, s, K, acc); break;
         case 2: bdisp<T, 2>(nv, s, K, acc); break;
@@ -266,6 +269,9 @@ void hgemm(const HOp<T>& o, int64_t M, int64_t N, int64_t K, bool acc, Prefetch*
       HOp<T> t = s;
       t.A = o.A + i0 * o.ars;
       t.C = s.C + i0 * o.crs;
+      if (acc && i0 + HM < M)  // the next tile's accumulators (weight gradients: L3) into L1
+        for (int i = 0; i < HM && i0 + HM + i < M; ++i)
+          for (int j = 0; j < nj; ++j) __builtin_prefetch(t.C + (HM + i) * o.crs + j * o.cjs, 1, 3);
       switch (std::min<int64_t>(HM, M - i0)) {
         case 1: hdisp<T, 1>(nj, t, K, acc); break;
         case 2: hdisp<T, 2>(nj, t, K, acc); break;
