@@ -30,10 +30,10 @@ from . import cpu_build
 
 ENV = cpu_build.ENV  # MLBTC_CPU_KERNEL=0 turns it off
 SOURCE = Path(__file__).with_name("csrc") / "btt_linear.cpp"
-# Rows per chunk: the chunk's intermediate z (rows x k*C*S*B) stays in the 2 MB L2 (D=4096,
-# fp32: 64 KB... measured in benchmarks/bench_matrices.py)
-CHUNK_BYTES = 1 << 20
-MAX_CHUNK = 512
+# Rows per chunk (the unit that streams past the cores a phase keeps in L2): about CHUNK_BYTES of
+# the intermediate z (k*C*S*B per row); 32 rows at D = 4096 in float32
+CHUNK_BYTES = 512 * 1024
+MAX_CHUNK = 256
 
 _state: dict[str, bool] = {}
 _lock = threading.Lock()
@@ -69,18 +69,20 @@ def chunk_rows(R: Tensor) -> int:
 
 def btt(x: Tensor, R: Tensor, L: Tensor) -> Tensor:
     """y (N, k*A*B) = the two-core BTT of x (N, k*C*D) (``usable`` must hold)."""
-    return _FusedBTT.apply(x, R, L, chunk_rows(R))
+    chunk = chunk_rows(R)
+    parts = max(1, min(torch.get_num_threads(), -(-x.shape[0] // chunk)))  # ranges of rows
+    return _FusedBTT.apply(x, R, L, (chunk, parts))
 
 
 class _FusedBTT(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, R: Tensor, L: Tensor, chunk: int) -> Tensor:
+    def forward(ctx, x: Tensor, R: Tensor, L: Tensor, split: tuple[int, int]) -> Tensor:
         x, R, L = x.contiguous(), R.contiguous(), L.contiguous()
         save = any(ctx.needs_input_grad[:3])
-        y, z = torch.ops.mlbtc_btt.btt_forward(x, R, L, chunk, save)
-        if save:
+        y, z = torch.ops.mlbtc_btt.btt_forward(x, R, L, *split, save)
+        if save:  # z in the kernel's layout for these parts (threads) of rows
             ctx.save_for_backward(x, z, R, L)
-        ctx.chunk = chunk
+        ctx.split = split
         return y
 
     @staticmethod
@@ -88,7 +90,7 @@ class _FusedBTT(torch.autograd.Function):
     def backward(ctx, gy: Tensor) -> tuple[Tensor | None, ...]:
         x, z, R, L = ctx.saved_tensors
         need_x, need_r, need_l = ctx.needs_input_grad[:3]
-        gx, gr, gl = torch.ops.mlbtc_btt.btt_backward(gy.contiguous(), x, z, R, L, ctx.chunk,
+        gx, gr, gl = torch.ops.mlbtc_btt.btt_backward(gy.contiguous(), x, z, R, L, *ctx.split,
                                                        need_x, need_r, need_l)
         return gx if need_x else None, gr if need_r else None, gl if need_l else None, None
 
@@ -103,8 +105,8 @@ def _forward_flops(x, r, l, *args, out_shape=None, **kwargs) -> int:
     return first + second
 
 
-def _backward_flops(gy, x, z, r, l, chunk, need_x, need_r, need_l, *args, out_shape=None,
-                    **kwargs) -> int:
+def _backward_flops(gy, x, z, r, l, chunk, parts, need_x, need_r, need_l, *args,
+                    out_shape=None, **kwargs) -> int:
     first, second = _gemms(x, r, l)  # gL, gz like the second; gR, gx like the first
     return second * (int(need_l) + int(need_x or need_r)) + first * (int(need_r) + int(need_x))
 

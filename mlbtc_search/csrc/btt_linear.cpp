@@ -62,16 +62,8 @@ inline void fence() {
 #endif
 }
 
-// copy n elements (a multiple of the lane count) with non-temporal stores when dst is aligned
-template <typename T>
-void stream_copy(T* dst, const T* src, int64_t n) {
-  constexpr int L = Vec<T>::L;
-  const bool nt = aligned64(dst);
-  for (int64_t i = 0; i < n; i += L) Vec<T>::store(dst + i, Vec<T>::load(src + i), nt);
-}
-
 // ---- profile: seconds per phase summed over threads (btt_stats) ----------------------------
-enum Phase { kPack, kXIn, kZ, kY, kZSave, kGradIn, kGL, kGZ, kGR, kGX, kReduce, kPhases };
+enum Phase { kPack, kZ, kY, kGradIn, kGL, kGZ, kGR, kGX, kReduce, kPhases };
 std::atomic<int64_t> phase_ns[kPhases];
 
 struct Clock {
@@ -87,35 +79,37 @@ struct Clock {
   }
 };
 
-// Prefetches (into L2) the rows the next work item reads, a few lines after every register
-// tile of the current one, so that its DRAM reads overlap this item's arithmetic.
+// Prefetches (into L2) what the next chunk of rows reads, a few lines after every register tile
+// of the current chunk, so that its DRAM reads overlap this chunk's arithmetic. A range is
+// n1 x n2 runs of `lines` cache lines (strides s1, s2 in bytes).
 struct Prefetch {
   struct Range {
     const char* p;
-    int64_t rows, row_lines, stride;  // rows of row_lines cache lines, stride bytes apart
+    int64_t n1, s1, n2, s2, lines;
   };
-  Range r[3];
+  Range r[4];
   int nr = 0, cur = 0;
-  int64_t row = 0, line = 0, per_step = 0;
+  int64_t i1 = 0, i2 = 0, line = 0, per_step = 0;
   template <typename T>
-  void add(const T* p, int64_t rows, int64_t row_elems, int64_t stride_elems) {
-    if (rows > 0 && row_elems > 0)
-      r[nr++] = {reinterpret_cast<const char*>(p), rows,
-                 (int64_t)((row_elems * sizeof(T) + 63) / 64), (int64_t)(stride_elems * sizeof(T))};
+  void add(const T* p, int64_t n1, int64_t s1, int64_t n2, int64_t s2, int64_t elems) {
+    if (n1 > 0 && n2 > 0 && elems > 0)
+      r[nr++] = {reinterpret_cast<const char*>(p), n1, s1 * (int64_t)sizeof(T), n2,
+                 s2 * (int64_t)sizeof(T), (int64_t)((elems * sizeof(T) + 63) / 64)};
   }
-  void plan(int64_t steps) {  // spread over this many steps (tiles of the current item)
+  void plan(int64_t steps) {  // spread over this many steps (register tiles)
     int64_t lines = 0;
-    for (int i = 0; i < nr; ++i) lines += r[i].rows * r[i].row_lines;
-    per_step = getenv("BTT_NOPF") ? 0 : (lines + steps - 1) / std::max<int64_t>(steps, 1);
+    for (int i = 0; i < nr; ++i) lines += r[i].n1 * r[i].n2 * r[i].lines;
+    per_step = (lines + steps - 1) / std::max<int64_t>(steps, 1);
   }
   void step() {
     for (int64_t q = 0; q < per_step && cur < nr; ++q) {
       const Range& g = r[cur];
-      __builtin_prefetch(g.p + row * g.stride + line * 64, 0, 2);
-      if (++line == g.row_lines) {
-        line = 0;
-        if (++row == g.rows) row = 0, ++cur;
-      }
+      __builtin_prefetch(g.p + i1 * g.s1 + i2 * g.s2 + line * 64, 0, 2);
+      if (++line < g.lines) continue;
+      line = 0;
+      if (++i2 < g.n2) continue;
+      i2 = 0;
+      if (++i1 == g.n1) i1 = 0, ++cur;
     }
   }
 };
@@ -284,21 +278,20 @@ void hgemm(const HOp<T>& o, int64_t M, int64_t N, int64_t K, bool acc, Prefetch*
 }
 
 struct Dims {
-  int64_t k, C, D, B, S, A, N, n;  // n: rows per chunk
-  int64_t L, NB, CS, RZ, Dx, Dy;   // lanes, lane blocks, C*S, z row stride (padded), x/y rows
-  int64_t chunks() const { return (N + n - 1) / n; }
-  int64_t zchunk() const { return NB * n * RZ; }  // one chunk of z for one block k
-  int64_t P;  // parts: contiguous ranges of chunks, one per thread (at most)
-  int64_t start(int64_t p) const { return p * chunks() / P; }  // part p's first chunk
+  int64_t k, C, D, B, S, A, N, n, P;  // n: rows per chunk; P: parts (ranges of rows)
+  int64_t L, NB, CS, RZ, Dx, Dy;      // lanes, lane blocks, C*S, z row stride (padded), x/y rows
+  int64_t row0(int64_t p) const { return p * N / P; }  // part p's first row
+  int64_t zsize() const { return N * k * NB * RZ; }
 };
 
-Dims dims(const at::Tensor& x, const at::Tensor& r, const at::Tensor& l, int64_t chunk) {
+Dims dims(const at::Tensor& x, const at::Tensor& r, const at::Tensor& l, int64_t chunk,
+          int64_t parts) {
   Dims m;
   m.k = r.size(0), m.C = r.size(1), m.D = r.size(2), m.B = r.size(3), m.S = r.size(4);
   m.A = l.size(4), m.N = x.size(0), m.n = std::max<int64_t>(1, chunk);
+  m.P = std::max<int64_t>(1, std::min(parts, m.N));
   m.L = 64 / x.element_size(), m.NB = m.B / m.L, m.CS = m.C * m.S, m.RZ = (m.CS + 1) * m.L;
   m.Dx = m.k * m.C * m.D, m.Dy = m.k * m.A * m.B;
-  m.P = std::max<int64_t>(1, std::min<int64_t>(m.chunks(), at::get_num_threads()));
   TORCH_CHECK(x.dim() == 2 && x.size(1) == m.Dx && l.size(0) == m.k && l.size(1) == m.B &&
                   l.size(2) == m.C && l.size(3) == m.S,
               "btt: shapes x (N, k*C*D), R (k, C, D, B, S), L (k, B, C, S, A) do not match");
@@ -359,18 +352,21 @@ at::Tensor pack_r(const at::Tensor& r, const Dims& m, bool forward) {
   return out;
 }
 
-// x[r0 + i, k, c, :] -> xc[c][i][:] for the chunk's rows (sequential reads of each row)
-template <typename T>
-void load_x(T* xc, const T* X, const Dims& m, int64_t r0, int64_t nr, int64_t kk) {
-  for (int64_t i = 0; i < nr; ++i)
-    for (int64_t c = 0; c < m.C; ++c)
-      std::memcpy(xc + (c * m.n + i) * m.D, X + (r0 + i) * m.Dx + (kk * m.C + c) * m.D,
-                  m.D * sizeof(T));
+// Lane blocks (Hadamard phases) or channels c (broadcast phases) whose weights, and weight
+// gradients, a phase keeps in L2 while all the rows of a part stream past: about `bytes`.
+inline int64_t group(int64_t bytes, int64_t per_item, int64_t items) {
+  return std::max<int64_t>(1, std::min<int64_t>(items, bytes / std::max<int64_t>(per_item, 1)));
 }
+constexpr int64_t GROUP_BYTES = 512 * 1024;
 
+// Forward, per part (a range of rows, one thread) and block k, in two phases that each keep
+// their core in L2 (no core is re-read per chunk of rows):
+//   1. z = x R, chunk by chunk of rows, channel by channel (R: 16 KB per channel at D = 4096);
+//      z goes to the saved buffer (non-temporal stores), laid out (lane block, row, (c, s)).
+//   2. y = z L, lane block by lane block (L: 256 KB per block), chunk by chunk of rows.
 template <typename T>
 void forward_impl(const at::Tensor& x, const at::Tensor& r, const at::Tensor& l, const Dims& m,
-                  at::Tensor& y, at::Tensor& z, bool save) {
+                  at::Tensor& y, at::Tensor& z) {
   Clock clock;
   const at::Tensor rp = pack_r<T>(r, m, true), lf = pack_l<T>(l, m, true);
   clock.lap(kPack);
@@ -378,51 +374,57 @@ void forward_impl(const at::Tensor& x, const at::Tensor& r, const at::Tensor& l,
   const T* Rp = rp.data_ptr<T>();
   const T* Lf = lf.data_ptr<T>();
   T* Y = y.data_ptr<T>();
-  T* Z = save ? z.data_ptr<T>() : nullptr;
-  const bool nt = aligned64(Y), direct = save && aligned64(Z);
+  T* Z = z.data_ptr<T>();
+  const bool nty = aligned64(Y), ntz = aligned64(Z);
   at::parallel_for(0, m.P, 1, [&](int64_t p0, int64_t p1) {
     Clock ck;
-    std::vector<T> zs(m.zchunk() + Vec<T>::L), xs(m.C * m.n * m.D);
-    T* zc = zs.data() + (Vec<T>::L - reinterpret_cast<uintptr_t>(zs.data()) % 64 / sizeof(T));
-    T* xc = xs.data();
-    const int64_t first = m.start(p0), last = m.start(p1);
-    for (int64_t it = first * m.k; it < last * m.k; ++it) {  // items (chunk, block k)
-      const int64_t ch = it / m.k, kk = it % m.k, r0 = ch * m.n, nr = std::min(m.n, m.N - r0);
-      Prefetch pf;
-      if (it + 1 < last * m.k) {  // the next item's rows of x
-        const int64_t c1 = (it + 1) / m.k, k1 = (it + 1) % m.k, n1 = std::min(m.n, m.N - c1 * m.n);
-        pf.add(X + c1 * m.n * m.Dx + k1 * m.C * m.D, n1, m.C * m.D, m.Dx);
-      }
-      pf.plan(m.C * m.S * ceil_div(m.NB, BV) * ceil_div(nr, BM) +
-              m.NB * ceil_div(m.A, HJ) * ceil_div(nr, HM));
-      load_x(xc, X, m, r0, nr, kk);
-      ck.lap(kXIn);
-      T* zsave = save ? Z + it * m.zchunk() : nullptr;
-      for (int64_t c = 0; c < m.C; ++c)  // z[n, c, s, :] = x[n, c, :] R[c, :, s, :]
-        for (int64_t s = 0; s < m.S; ++s) {
-          BOp<T> o{xc + c * m.n * m.D, m.D, 0, m.D,
-                   Rp + (kk * m.C + c) * m.D * m.S * m.B + s * m.B, m.S * m.B, m.L,
-                   zc + (c * m.S + s) * m.L, m.RZ, m.n * m.RZ, false,
-                   direct ? zsave + (c * m.S + s) * m.L : nullptr};
-          bgemm(o, nr, m.NB, m.D, false, &pf);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t R0 = m.row0(p), Np = m.row0(p + 1) - R0;
+      for (int64_t kk = 0; kk < m.k; ++kk) {
+        T* zp = Z + (R0 * m.k + kk * Np) * m.NB * m.RZ;  // (lane block, row, RZ)
+        for (int64_t r0 = 0; r0 < Np; r0 += m.n) {  // z[n, c, s, :] = x[n, c, :] R[c, :, s, :]
+          const int64_t nr = std::min(m.n, Np - r0), n1 = std::min(m.n, Np - r0 - nr);
+          const T* xr = X + (R0 + r0) * m.Dx + kk * m.C * m.D;
+          Prefetch pf;
+          pf.add(xr + nr * m.Dx, n1, m.Dx, 1, 0, m.C * m.D);
+          pf.plan(m.C * m.S * ceil_div(m.NB, BV) * ceil_div(nr, BM));
+          for (int64_t c = 0; c < m.C; ++c)
+            for (int64_t s = 0; s < m.S; ++s) {
+              BOp<T> o{xr + c * m.D, m.Dx, 0, m.D,
+                       Rp + (kk * m.C + c) * m.D * m.S * m.B + s * m.B, m.S * m.B, m.L,
+                       zp + r0 * m.RZ + (c * m.S + s) * m.L, m.RZ, Np * m.RZ, ntz};
+              bgemm(o, nr, m.NB, m.D, false, &pf);
+            }
         }
-      ck.lap(kZ);
-      for (int64_t bv = 0; bv < m.NB; ++bv) {  // y[n, a, b] = sum_cs z[n, cs, b] L[cs, a, b]
-        HOp<T> o{zc + bv * m.n * m.RZ, m.RZ, m.L, Lf + (kk * m.NB + bv) * m.CS * m.A * m.L,
-                 0, 0, true, Y + r0 * m.Dy + kk * m.A * m.B + bv * m.L, m.Dy, m.B, nt};
-        hgemm(o, nr, m.A, m.CS, false, &pf);
-      }
-      ck.lap(kY);
-      if (save && !direct) {
-        for (int64_t bv = 0; bv < m.NB; ++bv)
-          stream_copy(zsave + bv * m.n * m.RZ, zc + bv * m.n * m.RZ, nr * m.RZ);
-        ck.lap(kZSave);
+        fence();
+        ck.lap(kZ);
+        for (int64_t bv = 0; bv < m.NB; ++bv) {  // y[n, a, b] = sum_cs z[n, cs, b] L[cs, a, b]
+          const T* Lk = Lf + (kk * m.NB + bv) * m.CS * m.A * m.L;
+          for (int64_t r0 = 0; r0 < Np; r0 += m.n) {
+            const int64_t nr = std::min(m.n, Np - r0), n1 = std::min(m.n, Np - r0 - nr);
+            const T* zr = zp + (bv * Np + r0) * m.RZ;
+            Prefetch pf;
+            pf.add(zr + nr * m.RZ, 1, 0, 1, 0, n1 * m.RZ);
+            pf.plan(ceil_div(m.A, HJ) * ceil_div(nr, HM));
+            HOp<T> o{zr, m.RZ, m.L, Lk, 0, 0, true,
+                     Y + (R0 + r0) * m.Dy + kk * m.A * m.B + bv * m.L, m.Dy, m.B, nty};
+            hgemm(o, nr, m.A, m.CS, false, &pf);
+          }
+        }
+        ck.lap(kY);
       }
     }
     fence();
   });
 }
 
+// Backward, per part and block k, in two phases that keep their cores and the part's own
+// partial weight gradients in L2:
+//   H. lane blocks in groups (L and gL: 256 KB each per block at D = 4096), chunk by chunk of
+//      rows: gy packed per chunk (lane block, row, a, lane); gL += z^T gy; gz = gy L into a
+//      buffer laid out ((c, s), row, b) (non-temporal stores).
+//   B. channels in groups (R and gR: 16 KB each per channel), chunk by chunk of rows:
+//      gR += x^T gz; gx = gz R^T (non-temporal stores).
 template <typename T>
 void backward_impl(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& z,
                    const at::Tensor& r, const at::Tensor& l, const Dims& m, at::Tensor& gx,
@@ -435,6 +437,7 @@ void backward_impl(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& 
   const int64_t glsize = m.k * m.NB * m.CS * m.A * m.L, grsize = r.numel();
   at::Tensor glp = need_l ? at::zeros({P, glsize}, x.options()) : at::Tensor();
   at::Tensor grp = need_r ? at::zeros({P, grsize}, x.options()) : at::Tensor();
+  at::Tensor gzb = need_z ? at::empty({m.N * m.CS * m.B}, x.options()) : at::Tensor();
   clock.lap(kPack);
   const T* GY = gy.data_ptr<T>();
   const T* X = x.data_ptr<T>();
@@ -442,77 +445,95 @@ void backward_impl(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& 
   const T* Lb = need_z ? lb.data_ptr<T>() : nullptr;
   const T* Rt = need_x ? rt.data_ptr<T>() : nullptr;
   T* GX = need_x ? gx.data_ptr<T>() : nullptr;
-  const bool nt = need_x && aligned64(GX);
+  T* GZ = need_z ? gzb.data_ptr<T>() : nullptr;
+  const bool ntx = need_x && aligned64(GX), ntz = need_z && aligned64(GZ);
+  const int64_t G = group(GROUP_BYTES, 2 * m.CS * m.A * m.L * (int64_t)sizeof(T), m.NB);
+  const int64_t GC = group(GROUP_BYTES, 2 * m.D * m.S * m.B * (int64_t)sizeof(T), m.C);
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
     Clock ck;
-    std::vector<T> gyc(m.NB * m.n * RA), gzc(need_z ? m.zchunk() : 0);
-    std::vector<T> xc(need_r ? m.C * m.n * m.D : 0), zs(need_l ? m.zchunk() : 0);
+    std::vector<T> gyc(G * m.n * RA), xc(need_r ? GC * m.n * m.D : 0);
     for (int64_t p = p0; p < p1; ++p) {
+      const int64_t R0 = m.row0(p), Np = m.row0(p + 1) - R0;
       T* GL = need_l ? glp.data_ptr<T>() + p * glsize : nullptr;
       T* GR = need_r ? grp.data_ptr<T>() + p * grsize : nullptr;
-      const int64_t last = m.start(p + 1) * m.k;
-      for (int64_t it = m.start(p) * m.k; it < last; ++it) {  // items (chunk, block k)
-        const int64_t ch = it / m.k, kk = it % m.k, r0 = ch * m.n, nr = std::min(m.n, m.N - r0);
-        Prefetch pf;
-        if (it + 1 < last) {  // the next item's rows of gy, z and x
-          const int64_t c1 = (it + 1) / m.k, k1 = (it + 1) % m.k;
-          const int64_t n1 = std::min(m.n, m.N - c1 * m.n);
-          pf.add(GY + c1 * m.n * m.Dy + k1 * m.A * m.B, n1, m.A * m.B, m.Dy);
-          if (need_l) pf.add(Z + (it + 1) * m.zchunk(), m.NB, n1 * m.RZ, m.n * m.RZ);
-          if (need_r) pf.add(X + c1 * m.n * m.Dx + k1 * m.C * m.D, n1, m.C * m.D, m.Dx);
-        }
-        pf.plan(m.NB * (need_l ? ceil_div(m.A, HJ) * ceil_div(m.CS, HM) : 0) +
-                m.NB * (need_z ? ceil_div(m.CS, HJ) * ceil_div(nr, HM) : 0) +
-                m.C * m.S * (need_r ? ceil_div(m.NB, BV) * ceil_div(m.D, BM) : 0) +
-                m.C * m.S * (need_x ? ceil_div(m.D / m.L, BV) * ceil_div(nr, BM) : 0));
-        for (int64_t i = 0; i < nr; ++i)  // gy[n, a, b] -> gyc[lane block][n][a][lane]
-          for (int64_t a = 0; a < m.A; ++a)
-            for (int64_t bv = 0; bv < m.NB; ++bv)
-              std::memcpy(gyc.data() + (bv * m.n + i) * RA + a * m.L,
-                          GY + (r0 + i) * m.Dy + (kk * m.A + a) * m.B + bv * m.L, 64);
-        if (need_l) {  // the saved z of this item, sequentially into cache
-          const T* src = Z + it * m.zchunk();
-          for (int64_t bv = 0; bv < m.NB; ++bv)
-            std::memcpy(zs.data() + bv * m.n * m.RZ, src + bv * m.n * m.RZ,
-                        nr * m.RZ * sizeof(T));
-        }
-        ck.lap(kGradIn);
-        for (int64_t bv = 0; bv < m.NB; ++bv) {
-          const T* g = gyc.data() + bv * m.n * RA;
-          if (need_l) {  // gL[cs, a, b] += sum_n z[n, cs, b] gy[n, a, b]
-            HOp<T> o{zs.data() + bv * m.n * m.RZ, m.L, m.RZ, g, RA, m.L, false,
-                     GL + (kk * m.NB + bv) * m.CS * m.A * m.L, m.A * m.L, m.L, false};
-            hgemm(o, m.CS, m.A, nr, true, &pf);
-            ck.lap(kGL);
-          }
-          if (need_z) {  // gz[n, cs, b] = sum_a gy[n, a, b] L[cs, a, b]
-            HOp<T> o{g, RA, m.L, Lb + (kk * m.NB + bv) * m.CS * m.A * m.L, 0, 0, true,
-                     gzc.data() + bv * m.n * m.RZ, m.RZ, m.L, false};
-            hgemm(o, nr, m.CS, m.A, false, &pf);
-            ck.lap(kGZ);
+      T* gzp = need_z ? GZ + R0 * m.CS * m.B : nullptr;  // ((c, s), row, b) of this part
+      for (int64_t kk = 0; kk < m.k; ++kk) {
+        const T* zp = Z + (R0 * m.k + kk * Np) * m.NB * m.RZ;
+        for (int64_t g0 = 0; g0 < m.NB && (need_l || need_z); g0 += G) {  // phase H
+          const int64_t ng = std::min(G, m.NB - g0);
+          for (int64_t r0 = 0; r0 < Np; r0 += m.n) {
+            const int64_t nr = std::min(m.n, Np - r0), n1 = std::min(m.n, Np - r0 - nr);
+            const T* gyr = GY + (R0 + r0) * m.Dy + kk * m.A * m.B + g0 * m.L;
+            Prefetch pf;
+            pf.add(gyr + nr * m.Dy, n1, m.Dy, m.A, m.B, ng * m.L);
+            if (need_l) pf.add(zp + (g0 * Np + r0 + nr) * m.RZ, ng, Np * m.RZ, 1, 0, n1 * m.RZ);
+            pf.plan(ng * ((need_l ? ceil_div(m.A, HJ) * ceil_div(m.CS, HM) : 0) +
+                          (need_z ? ceil_div(m.CS, HJ) * ceil_div(nr, HM) : 0)));
+            for (int64_t i = 0; i < nr; ++i)  // gy[n, a, b] -> gyc[lane block][n][a][lane]
+              for (int64_t a = 0; a < m.A; ++a)
+                for (int64_t gi = 0; gi < ng; ++gi)
+                  std::memcpy(gyc.data() + (gi * m.n + i) * RA + a * m.L,
+                              gyr + i * m.Dy + a * m.B + gi * m.L, 64);
+            ck.lap(kGradIn);
+            for (int64_t gi = 0; gi < ng; ++gi) {
+              const int64_t bv = g0 + gi;
+              const T* g = gyc.data() + gi * m.n * RA;
+              if (need_l) {  // gL[cs, a, b] += sum_n z[n, cs, b] gy[n, a, b]
+                HOp<T> o{zp + (bv * Np + r0) * m.RZ, m.L, m.RZ, g, RA, m.L, false,
+                         GL + (kk * m.NB + bv) * m.CS * m.A * m.L, m.A * m.L, m.L, false};
+                hgemm(o, m.CS, m.A, nr, true, &pf);
+                ck.lap(kGL);
+              }
+              if (need_z) {  // gz[n, cs, b] = sum_a gy[n, a, b] L[cs, a, b]
+                HOp<T> o{g, RA, m.L, Lb + (kk * m.NB + bv) * m.CS * m.A * m.L, 0, 0, true,
+                         gzp + r0 * m.B + bv * m.L, m.B, Np * m.B, ntz};
+                hgemm(o, nr, m.CS, m.A, false, &pf);
+                ck.lap(kGZ);
+              }
+            }
           }
         }
-        if (need_r) {
-          load_x(xc.data(), X, m, r0, nr, kk);
-          ck.lap(kGradIn);
-          for (int64_t c = 0; c < m.C; ++c)  // gR[c, d, s, :] += sum_n x[n, c, d] gz[n, c, s, :]
-            for (int64_t s = 0; s < m.S; ++s) {
-              BOp<T> o{xc.data() + c * m.n * m.D, 1, m.D, 1,
-                       gzc.data() + (c * m.S + s) * m.L, m.RZ, m.n * m.RZ,
-                       GR + (kk * m.C + c) * m.D * m.S * m.B + s * m.B, m.S * m.B, m.L, false};
-              bgemm(o, m.D, m.NB, nr, true, &pf);
+        fence();
+        for (int64_t c0 = 0; c0 < m.C && need_z; c0 += GC) {  // phase B
+          const int64_t nc = std::min(GC, m.C - c0);
+          for (int64_t r0 = 0; r0 < Np; r0 += m.n) {
+            const int64_t nr = std::min(m.n, Np - r0), n1 = std::min(m.n, Np - r0 - nr);
+            const T* xr = X + (R0 + r0) * m.Dx + (kk * m.C + c0) * m.D;
+            Prefetch pf;
+            pf.add(gzp + (c0 * m.S * Np + r0 + nr) * m.B, nc * m.S, Np * m.B, 1, 0, n1 * m.B);
+            if (need_r) pf.add(xr + nr * m.Dx, n1, m.Dx, 1, 0, nc * m.D);
+            pf.plan(nc * m.S * ((need_r ? ceil_div(m.NB, BV) * ceil_div(m.D, BM) : 0) +
+                                (need_x ? ceil_div(m.D / m.L, BV) * ceil_div(nr, BM) : 0)));
+            if (need_r) {  // x[n, c, :] -> xc[c][n][:] for the group's channels
+              for (int64_t i = 0; i < nr; ++i)
+                for (int64_t c = 0; c < nc; ++c)
+                  std::memcpy(xc.data() + (c * m.n + i) * m.D, xr + i * m.Dx + c * m.D,
+                              m.D * sizeof(T));
+              ck.lap(kGradIn);
             }
-          ck.lap(kGR);
-        }
-        if (need_x) {
-          for (int64_t c = 0; c < m.C; ++c)  // gx[n, c, :] = sum_{s,b} gz[n, c, s, b] R[c, :, b, s]
-            for (int64_t s = 0; s < m.S; ++s) {
-              BOp<T> o{gzc.data() + (c * m.S + s) * m.L, m.RZ, m.n * m.RZ, m.L,
-                       Rt + ((kk * m.C + c) * m.S + s) * m.B * m.D, m.D, m.L,
-                       GX + r0 * m.Dx + (kk * m.C + c) * m.D, m.Dx, m.L, nt && s == m.S - 1};
-              bgemm(o, nr, m.D / m.L, m.B, s > 0, &pf);
+            for (int64_t c = c0; c < c0 + nc; ++c) {
+              if (need_r) {  // gR[c, d, s, :] += sum_n x[n, c, d] gz[n, c, s, :]
+                for (int64_t s = 0; s < m.S; ++s) {
+                  BOp<T> o{xc.data() + (c - c0) * m.n * m.D, 1, m.D, 1,
+                           gzp + ((c * m.S + s) * Np + r0) * m.B, m.B, m.L,
+                           GR + (kk * m.C + c) * m.D * m.S * m.B + s * m.B, m.S * m.B, m.L,
+                           false};
+                  bgemm(o, m.D, m.NB, nr, true, &pf);
+                }
+                ck.lap(kGR);
+              }
+              if (need_x) {  // gx[n, c, :] = sum_{s, b} gz[n, c, s, b] R[c, :, b, s]
+                for (int64_t s = 0; s < m.S; ++s) {
+                  BOp<T> o{gzp + ((c * m.S + s) * Np + r0) * m.B, m.B, 0, m.B,
+                           Rt + ((kk * m.C + c) * m.S + s) * m.B * m.D, m.D, m.L,
+                           GX + (R0 + r0) * m.Dx + (kk * m.C + c) * m.D, m.Dx, m.L,
+                           ntx && s == m.S - 1};
+                  bgemm(o, nr, m.D / m.L, m.B, s > 0, &pf);
+                }
+                ck.lap(kGX);
+              }
             }
-          ck.lap(kGX);
+          }
         }
       }
     }
@@ -553,28 +574,29 @@ void backward_impl(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& 
 }
 
 std::tuple<at::Tensor, at::Tensor> btt_forward(const at::Tensor& x, const at::Tensor& r,
-                                               const at::Tensor& l, int64_t chunk, bool save) {
-  const Dims m = dims(x, r, l, chunk);
+                                               const at::Tensor& l, int64_t chunk,
+                                               int64_t parts, bool save) {
+  const Dims m = dims(x, r, l, chunk, parts);
   at::Tensor y = at::empty({m.N, m.Dy}, x.options());
-  at::Tensor z = at::empty({save ? m.chunks() * m.k * m.zchunk() : 0}, x.options());
-  if (m.N == 0) return {y, z};
-  if (x.scalar_type() == at::kFloat)
-    forward_impl<float>(x, r, l, m, y, z, save);
-  else if (x.scalar_type() == at::kDouble)
-    forward_impl<double>(x, r, l, m, y, z, save);
-  else
-    TORCH_CHECK(false, "btt_forward supports float32 and float64, got ", x.scalar_type());
-  return {y, z};
+  at::Tensor z = at::empty({m.zsize()}, x.options());
+  if (m.N > 0) {
+    if (x.scalar_type() == at::kFloat)
+      forward_impl<float>(x, r, l, m, y, z);
+    else if (x.scalar_type() == at::kDouble)
+      forward_impl<double>(x, r, l, m, y, z);
+    else
+      TORCH_CHECK(false, "btt_forward supports float32 and float64, got ", x.scalar_type());
+  }
+  return {y, save ? z : at::empty({0}, x.options())};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> btt_backward(
     const at::Tensor& gy, const at::Tensor& x, const at::Tensor& z, const at::Tensor& r,
-    const at::Tensor& l, int64_t chunk, bool need_x, bool need_r, bool need_l) {
-  const Dims m = dims(x, r, l, chunk);
+    const at::Tensor& l, int64_t chunk, int64_t parts, bool need_x, bool need_r, bool need_l) {
+  const Dims m = dims(x, r, l, chunk, parts);
   TORCH_CHECK(gy.is_contiguous() && gy.size(0) == m.N && gy.size(1) == m.Dy &&
-                  gy.scalar_type() == x.scalar_type() &&
-                  z.numel() == m.chunks() * m.k * m.zchunk(),
-              "btt_backward: grad (N, k*A*B) contiguous and the saved z of this chunk size");
+                  gy.scalar_type() == x.scalar_type() && z.numel() == m.zsize(),
+              "btt_backward: grad (N, k*A*B) contiguous and the z btt_forward saved");
   at::Tensor gx = need_x ? at::empty_like(x) : at::empty({0}, x.options());
   at::Tensor gr = need_r ? at::empty_like(r) : at::empty({0}, x.options());
   at::Tensor gl = need_l ? at::empty_like(l) : at::empty({0}, x.options());
@@ -602,9 +624,10 @@ std::vector<double> btt_stats(bool reset) {
 }  // namespace
 
 TORCH_LIBRARY(mlbtc_btt, m) {
-  m.def("btt_forward(Tensor x, Tensor r, Tensor l, int chunk, bool save) -> (Tensor, Tensor)");
+  m.def("btt_forward(Tensor x, Tensor r, Tensor l, int chunk, int parts, bool save) -> "
+        "(Tensor, Tensor)");
   m.def("btt_backward(Tensor grad_y, Tensor x, Tensor z, Tensor r, Tensor l, int chunk, "
-        "bool need_x, bool need_r, bool need_l) -> (Tensor, Tensor, Tensor)");
+        "int parts, bool need_x, bool need_r, bool need_l) -> (Tensor, Tensor, Tensor)");
   m.def("btt_stats(bool reset) -> float[]", &btt_stats);
 }
 
