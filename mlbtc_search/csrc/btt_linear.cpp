@@ -117,12 +117,12 @@ struct Prefetch {
 constexpr int BM = 6, BV = 4;  // broadcast tile: 6 rows x 4 vectors (24 accumulators)
 constexpr int HM = 4, HJ = 6;  // Hadamard tile: 4 x 6 vectors (24 accumulators)
 
-// Broadcast GEMM operands: C[i][v] (+)= sum_p A(i, p) B[p * bps + v * bvs] (vectors), with
-// A(i, p) = A[i * ars + (p / run) * apb + p % run] (runs of contiguous scalars).
+// Broadcast GEMM operands: C[i][v] (+)= sum_p A[i * ars + p * aps] B[p * bps + v * bvs]
+// (scalars of A times vectors of B).
 template <typename T>
 struct BOp {
   const T* A;
-  int64_t ars, apb, run;
+  int64_t ars, aps;
   const T* B;
   int64_t bps, bvs;
   T* C;
@@ -138,16 +138,14 @@ void bkern(const BOp<T>& o, int64_t K, bool acc) {
   for (int i = 0; i < MR; ++i)
     for (int v = 0; v < NV; ++v)
       c[i][v] = acc ? W::load(o.C + i * o.crs + v * o.cvs) : typename W::type{};
+  const T* a = o.A;
   const T* b = o.B;
-  for (int64_t pb = 0; pb < K / o.run; ++pb) {
-    const T* a = o.A + pb * o.apb;
-    for (int64_t q = 0; q < o.run; ++q, b += o.bps) {
-      typename W::type bv[NV];
-      for (int v = 0; v < NV; ++v) bv[v] = W::load(b + v * o.bvs);
-      for (int i = 0; i < MR; ++i) {
-        const T ai = a[i * o.ars + q];
-        for (int v = 0; v < NV; ++v) c[i][v] += bv[v] * ai;
-      }
+  for (int64_t p = 0; p < K; ++p, a += o.aps, b += o.bps) {
+    typename W::type bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = W::load(b + v * o.bvs);
+    for (int i = 0; i < MR; ++i) {
+      const T ai = a[i * o.ars];
+      for (int v = 0; v < NV; ++v) c[i][v] += bv[v] * ai;
     }
   }
   for (int i = 0; i < MR; ++i)
@@ -178,9 +176,6 @@ void bgemm(const BOp<T>& o, int64_t M, int64_t NV, int64_t K, bool acc, Prefetch
       s.B += v0 * o.bvs;
       s.C += i0 * o.crs + v0 * o.cvs;
       if (o.C2) s.C2 += i0 * o.crs + v0 * o.cvs;
-      if (acc && i0 + BM < M)  // the next tile's accumulators (weight gradients: L3) into L1
-        for (int i = 0; i < BM && i0 + BM + i < M; ++i)
-          for (int v = 0; v < nv; ++v) __builtin_prefetch(s.C + (BM + i) * o.crs + v * o.cvs, 1, 3);
       switch (std::min<int64_t>(BM, M - i0)) {
         case 1: bdisp<T, 1>(nv, s, K, acc); break;
         case 2: bdisp<T, 2>(nv, s, K, acc); break;
@@ -263,9 +258,6 @@ void hgemm(const HOp<T>& o, int64_t M, int64_t N, int64_t K, bool acc, Prefetch*
       HOp<T> t = s;
       t.A = o.A + i0 * o.ars;
       t.C = s.C + i0 * o.crs;
-      if (acc && i0 + HM < M)  // the next tile's accumulators (weight gradients: L3) into L1
-        for (int i = 0; i < HM && i0 + HM + i < M; ++i)
-          for (int j = 0; j < nj; ++j) __builtin_prefetch(t.C + (HM + i) * o.crs + j * o.cjs, 1, 3);
       switch (std::min<int64_t>(HM, M - i0)) {
         case 1: hdisp<T, 1>(nj, t, K, acc); break;
         case 2: hdisp<T, 2>(nj, t, K, acc); break;
@@ -390,7 +382,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& r, const at::Tensor& l,
           pf.plan(m.C * m.S * ceil_div(m.NB, BV) * ceil_div(nr, BM));
           for (int64_t c = 0; c < m.C; ++c)
             for (int64_t s = 0; s < m.S; ++s) {
-              BOp<T> o{xr + c * m.D, m.Dx, 0, m.D,
+              BOp<T> o{xr + c * m.D, m.Dx, 1,
                        Rp + (kk * m.C + c) * m.D * m.S * m.B + s * m.B, m.S * m.B, m.L,
                        zp + r0 * m.RZ + (c * m.S + s) * m.L, m.RZ, Np * m.RZ, ntz};
               bgemm(o, nr, m.NB, m.D, false, &pf);
@@ -451,7 +443,7 @@ void backward_impl(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& 
   const int64_t GC = group(GROUP_BYTES, 2 * m.D * m.S * m.B * (int64_t)sizeof(T), m.C);
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
     Clock ck;
-    std::vector<T> gyc(G * m.n * RA), xc(need_r ? GC * m.n * m.D : 0);
+    std::vector<T> gyc(G * m.n * RA);
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t R0 = m.row0(p), Np = m.row0(p + 1) - R0;
       T* GL = need_l ? glp.data_ptr<T>() + p * glsize : nullptr;
@@ -504,17 +496,10 @@ void backward_impl(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& 
             if (need_r) pf.add(xr + nr * m.Dx, n1, m.Dx, 1, 0, nc * m.D);
             pf.plan(nc * m.S * ((need_r ? ceil_div(m.NB, BV) * ceil_div(m.D, BM) : 0) +
                                 (need_x ? ceil_div(m.D / m.L, BV) * ceil_div(nr, BM) : 0)));
-            if (need_r) {  // x[n, c, :] -> xc[c][n][:] for the group's channels
-              for (int64_t i = 0; i < nr; ++i)
-                for (int64_t c = 0; c < nc; ++c)
-                  std::memcpy(xc.data() + (c * m.n + i) * m.D, xr + i * m.Dx + c * m.D,
-                              m.D * sizeof(T));
-              ck.lap(kGradIn);
-            }
             for (int64_t c = c0; c < c0 + nc; ++c) {
               if (need_r) {  // gR[c, d, s, :] += sum_n x[n, c, d] gz[n, c, s, :]
                 for (int64_t s = 0; s < m.S; ++s) {
-                  BOp<T> o{xc.data() + (c - c0) * m.n * m.D, 1, m.D, 1,
+                  BOp<T> o{xr + (c - c0) * m.D, 1, m.Dx,
                            gzp + ((c * m.S + s) * Np + r0) * m.B, m.B, m.L,
                            GR + (kk * m.C + c) * m.D * m.S * m.B + s * m.B, m.S * m.B, m.L,
                            false};
@@ -524,7 +509,7 @@ void backward_impl(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& 
               }
               if (need_x) {  // gx[n, c, :] = sum_{s, b} gz[n, c, s, b] R[c, :, b, s]
                 for (int64_t s = 0; s < m.S; ++s) {
-                  BOp<T> o{gzp + ((c * m.S + s) * Np + r0) * m.B, m.B, 0, m.B,
+                  BOp<T> o{gzp + ((c * m.S + s) * Np + r0) * m.B, m.B, 1,
                            Rt + ((kk * m.C + c) * m.S + s) * m.B * m.D, m.D, m.L,
                            GX + (R0 + r0) * m.Dx + (kk * m.C + c) * m.D, m.Dx, m.L,
                            ntx && s == m.S - 1};
