@@ -202,6 +202,7 @@ struct HOp {
   T* C;
   int64_t crs, cjs;
   bool nt;
+  int64_t kfull = 0, koff = 0;  // packed B: the panels' K, and this call's first row of them
 };
 
 template <typename T, int MR, int NJ>
@@ -247,7 +248,7 @@ void hgemm(const HOp<T>& o, int64_t M, int64_t N, int64_t K, bool acc, Prefetch*
     const int nj = (int)std::min<int64_t>(HJ, N - j0);
     HOp<T> s = o;
     if (o.packed) {
-      s.B = o.B + j0 * K * L;
+      s.B = o.B + (j0 * (o.kfull ? o.kfull : K) + o.koff * nj) * L;
       s.bps = nj * L;
       s.bjs = L;
     } else {
@@ -319,7 +320,7 @@ at::Tensor pack_l(const at::Tensor& l, const Dims& m, bool by_a) {
   return out;
 }
 
-// R (k, C, D, B, S) -> (k, C, D, S, B) (forward; R itself when S = 1) or (k, C, S, B, D) (gx)
+// R (k, C, D, B, S) -> (k, C, S, D, B) (forward; R itself when S = 1) or (k, C, S, B, D) (gx)
 template <typename T>
 at::Tensor pack_r(const at::Tensor& r, const Dims& m, bool forward) {
   if (forward && m.S == 1) return r;
@@ -331,8 +332,8 @@ at::Tensor pack_r(const at::Tensor& r, const Dims& m, bool forward) {
       const T* s = src + kc * m.D * m.B * m.S;
       T* o = dst + kc * m.D * m.B * m.S;
       if (forward) {
-        for (int64_t d = 0; d < m.D; ++d)
-          for (int64_t si = 0; si < m.S; ++si)
+        for (int64_t si = 0; si < m.S; ++si)
+          for (int64_t d = 0; d < m.D; ++d)
             for (int64_t b = 0; b < m.B; ++b) *o++ = s[(d * m.B + b) * m.S + si];
       } else {
         for (int64_t si = 0; si < m.S; ++si)
@@ -368,8 +369,10 @@ void forward_impl(const at::Tensor& x, const at::Tensor& r, const at::Tensor& l,
   T* Y = y.data_ptr<T>();
   T* Z = z.data_ptr<T>();
   const bool nty = aligned64(Y), ntz = aligned64(Z);
+  const int64_t KC = std::max<int64_t>(8, 24 * 1024 / (HJ * 64));  // K block of stage 2
   at::parallel_for(0, m.P, 1, [&](int64_t p0, int64_t p1) {
     Clock ck;
+    std::vector<T> ys(m.CS > KC ? m.n * m.A * m.L : 0);
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t R0 = m.row0(p), Np = m.row0(p + 1) - R0;
       for (int64_t kk = 0; kk < m.k; ++kk) {
@@ -382,8 +385,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& r, const at::Tensor& l,
           pf.plan(m.C * m.S * ceil_div(m.NB, BV) * ceil_div(nr, BM));
           for (int64_t c = 0; c < m.C; ++c)
             for (int64_t s = 0; s < m.S; ++s) {
-              BOp<T> o{xr + c * m.D, m.Dx, 1,
-                       Rp + (kk * m.C + c) * m.D * m.S * m.B + s * m.B, m.S * m.B, m.L,
+              BOp<T> o{xr + c * m.D, m.Dx, 1, Rp + ((kk * m.C + c) * m.S + s) * m.D * m.B, m.B, m.L,
                        zp + r0 * m.RZ + (c * m.S + s) * m.L, m.RZ, Np * m.RZ, ntz};
               bgemm(o, nr, m.NB, m.D, false, &pf);
             }
@@ -395,12 +397,26 @@ void forward_impl(const at::Tensor& x, const at::Tensor& r, const at::Tensor& l,
           for (int64_t r0 = 0; r0 < Np; r0 += m.n) {
             const int64_t nr = std::min(m.n, Np - r0), n1 = std::min(m.n, Np - r0 - nr);
             const T* zr = zp + (bv * Np + r0) * m.RZ;
+            T* yr = Y + (R0 + r0) * m.Dy + kk * m.A * m.B + bv * m.L;
             Prefetch pf;
             pf.add(zr + nr * m.RZ, 1, 0, 1, 0, n1 * m.RZ);
-            pf.plan(ceil_div(m.A, HJ) * ceil_div(nr, HM));
-            HOp<T> o{zr, m.RZ, m.L, Lk, 0, 0, true,
-                     Y + (R0 + r0) * m.Dy + kk * m.A * m.B + bv * m.L, m.Dy, m.B, nty};
-            hgemm(o, nr, m.A, m.CS, false, &pf);
+            pf.plan(ceil_div(m.A, HJ) * ceil_div(nr, HM) * ceil_div(m.CS, KC));
+            if (m.CS <= KC) {
+              HOp<T> o{zr, m.RZ, m.L, Lk, 0, 0, true, yr, m.Dy, m.B, nty};
+              hgemm(o, nr, m.A, m.CS, false, &pf);
+              continue;
+            }
+            // K = C*S in blocks of KC (the packed panels' K x HJ block stays in L1), summed in
+            // a cache-resident scratch, then streamed to y
+            for (int64_t k0 = 0; k0 < m.CS; k0 += KC) {
+              HOp<T> o{zr + k0 * m.L, m.RZ, m.L, Lk, 0, 0, true, ys.data(), m.A * m.L, m.L,
+                       false, m.CS, k0};
+              hgemm(o, nr, m.A, std::min(KC, m.CS - k0), k0 > 0, &pf);
+            }
+            for (int64_t i = 0; i < nr; ++i)
+              for (int64_t a = 0; a < m.A; ++a)
+                Vec<T>::store(yr + i * m.Dy + a * m.B, Vec<T>::load(ys.data() + (i * m.A + a) * m.L),
+                              nty);
           }
         }
         ck.lap(kY);
