@@ -6,7 +6,10 @@ deliberately naive BTT (two bmm with an explicit contiguous permute copy around 
 backward, as einsum-search does) as a reference row. Achieved GFLOP/s =
 ``flops(spec) * rows * 3`` (forward + backward, checked once against FlopCounterMode) / median
 time; the ratio is to dense ``nn.Linear``'s GFLOP/s in the same run. Rows of one width are timed
-round-robin, so load that drifts during the run hits every row alike. Freed memory is kept
+round-robin, so load that drifts during the run hits every row alike. On CPU, BTT rank 1 runs
+the fused C++ kernel (``mlbtc_search/linear_cpu.py``); the last lines are its own profile: time
+per phase, its GEMM rate per core against dense's, the same on rows that stay in cache, and the
+memory it streams. Freed memory is kept
 for reuse as training does on CPU (``mlbtc_search/malloc.py``; ``--default-malloc`` measures
 glibc's default, under which every fresh intermediate page-faults).
 
@@ -26,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 
-from mlbtc_search import MatrixSpec, compile_matrix, flops
+from mlbtc_search import MatrixSpec, compile_matrix, flops, linear_cpu
 from mlbtc_search.flopcount import flop_counter
 from mlbtc_search.malloc import reuse_freed_memory
 
@@ -165,18 +168,61 @@ def bench(D: int, rows: int, repeats: int, warmup: int, device: str = "cpu") -> 
         rate = 3 * f * rows / t / 1e9
         print(f"{name:28s} {3 * f / 1e6:10.3f} {t * 1e3:9.1f} {rate:8.1f} "
               f"{rate / dense_rate:8.3f}")
-    for name, run in (("btt r=1", runs[1]), ("naive btt r=1", runs[-1])) * (device == "cpu"):
-        matmul, copy, other = time_split(run)
-        total = matmul + copy + other
-        print(f"time split of {name}: matmul {matmul / total:.0%}, copies {copy / total:.0%}, "
-              f"other {other / total:.0%} (profiled, self CPU time)")
     if device == "cpu":
-        f = round(D**0.5)
-        print(f"what limits btt r=1: its bmm have inner dimension {f} (D = {f} x {f}): "
-              f"about {f // 2} FLOPs per float moved, so they run at memory speed, not at the "
-              "GEMM peak dense reaches with inner dimension D; the copies are the layout "
-              "changes the output order (a, b) forces (one per pass, see linear._BTT); other = "
-              "elementwise glue")
+        matmul, copy, other = time_split(runs[-1])
+        total = matmul + copy + other
+        print(f"time split of naive btt r=1: matmul {matmul / total:.0%}, copies "
+              f"{copy / total:.0%}, other {other / total:.0%} (profiled, self CPU time)")
+        what_limits_btt(D, rows, entries[1][1], runs[1], medians[1], entries[1][2],
+                        dense_rate / torch.get_num_threads())
+
+
+GEMMS = ("z = x R", "y = z L", "gL", "gz", "gR", "gx")  # the kernel's GEMM phases
+
+
+def what_limits_btt(D: int, rows: int, module: nn.Module, run: Callable[[], None], t: float,
+                    f: int, dense_per_core: float) -> None:
+    """The fused kernel's own profile (time per phase, summed over threads), its GEMM rate
+    per core at this size and on rows that stay in cache, and the memory it streams."""
+    R, L = module.cores
+    if not linear_cpu.usable(torch.empty(1, D), R, L):
+        print("what limits btt r=1: the fused CPU kernel does not run here (the bmm path does)")
+        return
+    linear_cpu.stats(reset=True)
+    run()
+    phases = linear_cpu.stats(reset=True)
+    busy = sum(phases.values())
+    split = ", ".join(f"{k} {v / busy:.0%}" for k, v in phases.items() if v / busy >= 0.005)
+    per_core = 3 * f * rows / sum(phases[k] for k in GEMMS) / 1e9  # per second of thread time
+    few = max(16, (2 << 20) // (4 * D))  # rows whose tensors take 2 MB each: they stay in cache
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        small = step(module, torch.randn(few, D, requires_grad=True), torch.randn(few, D))
+        small()
+        linear_cpu.stats(reset=True)
+        for _ in range(5):
+            small()
+        cached = linear_cpu.stats(reset=True)
+    finally:
+        torch.set_num_threads(threads)
+    in_cache = 5 * 3 * f * few / sum(cached[k] for k in GEMMS) / 1e9
+    moved = linear_cpu.traffic_bytes(rows, R, L)
+    print(f"btt r=1 fused kernel, thread time per phase: {split}")
+    print(f"what limits btt r=1 (fused C++ kernel, measured): its six GEMMs have inner size "
+          f"{round(D**0.5)} and run at {per_core:.0f} GFLOP/s per core here, "
+          f"{per_core / dense_per_core:.2f} of dense's {dense_per_core:.0f} per core; on {few} "
+          f"rows that stay in cache, one thread, {in_cache:.0f} GFLOP/s "
+          f"({in_cache / dense_per_core:.2f} of dense: register tiles of 24 accumulators over an "
+          f"inner size of {round(D**0.5)}); the rest is "
+          f"memory: {moved / 1e9:.2f} GB streamed per step (x twice, y, gy, gx, z three times, "
+          f"gz twice) = {moved / t / 1e9:.1f} GB/s at {t * 1e3:.0f} ms")
+
+
+def _time(run: Callable[[], None]) -> float:
+    t0 = time.perf_counter()
+    run()
+    return time.perf_counter() - t0
 
 
 def main() -> None:

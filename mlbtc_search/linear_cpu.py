@@ -62,6 +62,24 @@ def usable(x: Tensor, R: Tensor, L: Tensor) -> bool:
     return not compiling() and available()
 
 
+# the kernel's phases, as btt_stats reports their time (seconds summed over threads)
+PHASES = ("weights", "z = x R", "y = z L", "gy in", "gL", "gz", "gR", "gx", "reduce")
+
+
+def stats(reset: bool = True) -> dict[str, float]:
+    """Seconds spent per phase (summed over threads) since the last reset, for benchmarks."""
+    if not available():
+        return {}
+    return dict(zip(PHASES, torch.ops.mlbtc_btt.btt_stats(reset), strict=True))
+
+
+def traffic_bytes(rows: int, R: Tensor, L: Tensor) -> int:
+    """Bytes a forward+backward streams through memory: x twice (z, gR), y, gy, gx once, the
+    saved z three times (written, read for y, read for gL) and gz twice (its buffer)."""
+    k, C, D, B, S = R.shape
+    return rows * R.element_size() * k * (3 * C * D + 2 * L.shape[4] * B + 5 * C * S * B)
+
+
 def chunk_rows(R: Tensor) -> int:
     k, C, _, B, S = R.shape
     return max(1, min(MAX_CHUNK, CHUNK_BYTES // (k * C * S * B * R.element_size())))

@@ -30,6 +30,7 @@ CASES = [
     (torch.float64, 2, 2, (2, 16), (3, 16)),
     (torch.float32, 1, 2, (4, 16), (6, 16)),
     (torch.float32, 2, 1, (2, 16), (4, 32)),
+    (torch.float32, 1, 2, (33, 16), (3, 16)),  # C*S = 66 > 64: the second GEMM in K blocks
 ]
 
 
