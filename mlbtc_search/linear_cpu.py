@@ -31,9 +31,11 @@ from . import cpu_build
 ENV = cpu_build.ENV  # MLBTC_CPU_KERNEL=0 turns it off
 SOURCE = Path(__file__).with_name("csrc") / "btt_linear.cpp"
 # Rows per chunk (the unit that streams past the cores a phase keeps in L2): about CHUNK_BYTES of
-# the intermediate z (k*C*S*B per row); 32 rows at D = 4096 in float32
+# the intermediate z (k*C*S*B per row); 32 rows at D = 4096 in float32. Rows per super-chunk
+# (whose z and gz stay in cache between the two phases of a pass): about SUPER_BYTES of z.
 CHUNK_BYTES = 512 * 1024
 MAX_CHUNK = 256
+SUPER_BYTES = 8 << 20
 
 _state: dict[str, bool] = {}
 _lock = threading.Lock()
@@ -80,27 +82,30 @@ def traffic_bytes(rows: int, R: Tensor, L: Tensor) -> int:
     return rows * R.element_size() * k * (3 * C * D + 2 * L.shape[4] * B + 5 * C * S * B)
 
 
-def chunk_rows(R: Tensor) -> int:
+def split(rows: int, R: Tensor) -> tuple[int, int, int]:
+    """(rows per chunk, rows per super-chunk, parts): how the kernel cuts the rows (parts: one
+    range of rows per thread)."""
     k, C, _, B, S = R.shape
-    return max(1, min(MAX_CHUNK, CHUNK_BYTES // (k * C * S * B * R.element_size())))
+    per_row = k * C * S * B * R.element_size()  # bytes of z per row
+    chunk = max(1, min(MAX_CHUNK, CHUNK_BYTES // per_row))
+    return chunk, max(1, SUPER_BYTES // per_row // chunk) * chunk, \
+        max(1, min(torch.get_num_threads(), -(-rows // chunk)))
 
 
 def btt(x: Tensor, R: Tensor, L: Tensor) -> Tensor:
     """y (N, k*A*B) = the two-core BTT of x (N, k*C*D) (``usable`` must hold)."""
-    chunk = chunk_rows(R)
-    parts = max(1, min(torch.get_num_threads(), -(-x.shape[0] // chunk)))  # ranges of rows
-    return _FusedBTT.apply(x, R, L, (chunk, parts))
+    return _FusedBTT.apply(x, R, L, split(x.shape[0], R))
 
 
 class _FusedBTT(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, R: Tensor, L: Tensor, split: tuple[int, int]) -> Tensor:
+    def forward(ctx, x: Tensor, R: Tensor, L: Tensor, cut: tuple[int, int, int]) -> Tensor:
         x, R, L = x.contiguous(), R.contiguous(), L.contiguous()
         save = any(ctx.needs_input_grad[:3])
-        y, z = torch.ops.mlbtc_btt.btt_forward(x, R, L, *split, save)
+        y, z = torch.ops.mlbtc_btt.btt_forward(x, R, L, *cut, save)
         if save:  # z in the kernel's layout for these parts (threads) of rows
             ctx.save_for_backward(x, z, R, L)
-        ctx.split = split
+        ctx.cut = cut
         return y
 
     @staticmethod
@@ -108,7 +113,7 @@ class _FusedBTT(torch.autograd.Function):
     def backward(ctx, gy: Tensor) -> tuple[Tensor | None, ...]:
         x, z, R, L = ctx.saved_tensors
         need_x, need_r, need_l = ctx.needs_input_grad[:3]
-        gx, gr, gl = torch.ops.mlbtc_btt.btt_backward(gy.contiguous(), x, z, R, L, *ctx.split,
+        gx, gr, gl = torch.ops.mlbtc_btt.btt_backward(gy.contiguous(), x, z, R, L, *ctx.cut,
                                                        need_x, need_r, need_l)
         return gx if need_x else None, gr if need_r else None, gl if need_l else None, None
 
@@ -123,7 +128,7 @@ def _forward_flops(x, r, l, *args, out_shape=None, **kwargs) -> int:
     return first + second
 
 
-def _backward_flops(gy, x, z, r, l, chunk, parts, need_x, need_r, need_l, *args,
+def _backward_flops(gy, x, z, r, l, chunk, super_, parts, need_x, need_r, need_l, *args,
                     out_shape=None, **kwargs) -> int:
     first, second = _gemms(x, r, l)  # gL, gz like the second; gR, gx like the first
     return second * (int(need_l) + int(need_x or need_r)) + first * (int(need_r) + int(need_x))

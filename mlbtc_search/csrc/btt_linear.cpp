@@ -273,18 +273,20 @@ void hgemm(const HOp<T>& o, int64_t M, int64_t N, int64_t K, bool acc, Prefetch*
 struct Dims {
   int64_t k, C, D, B, S, A, N, n, P;  // n: rows per chunk; P: parts (ranges of rows)
   int64_t L, NB, CS, RZ, Dx, Dy;      // lanes, lane blocks, C*S, z row stride (padded), x/y rows
+  int64_t SC;  // rows per super-chunk (multiple of n): its z and gz stay in L2/L3 between phases
   int64_t row0(int64_t p) const { return p * N / P; }  // part p's first row
   int64_t zsize() const { return N * k * NB * RZ; }
 };
 
 Dims dims(const at::Tensor& x, const at::Tensor& r, const at::Tensor& l, int64_t chunk,
-          int64_t parts) {
+          int64_t super, int64_t parts) {
   Dims m;
   m.k = r.size(0), m.C = r.size(1), m.D = r.size(2), m.B = r.size(3), m.S = r.size(4);
   m.A = l.size(4), m.N = x.size(0), m.n = std::max<int64_t>(1, chunk);
   m.P = std::max<int64_t>(1, std::min(parts, m.N));
   m.L = 64 / x.element_size(), m.NB = m.B / m.L, m.CS = m.C * m.S, m.RZ = (m.CS + 1) * m.L;
   m.Dx = m.k * m.C * m.D, m.Dy = m.k * m.A * m.B;
+  m.SC = std::max<int64_t>(1, super / m.n) * m.n;
   TORCH_CHECK(x.dim() == 2 && x.size(1) == m.Dx && l.size(0) == m.k && l.size(1) == m.B &&
                   l.size(2) == m.C && l.size(3) == m.S,
               "btt: shapes x (N, k*C*D), R (k, C, D, B, S), L (k, B, C, S, A) do not match");
@@ -352,11 +354,12 @@ inline int64_t group(int64_t bytes, int64_t per_item, int64_t items) {
 }
 constexpr int64_t GROUP_BYTES = 512 * 1024;
 
-// Forward, per part (a range of rows, one thread) and block k, in two phases that each keep
-// their core in L2 (no core is re-read per chunk of rows):
-//   1. z = x R, chunk by chunk of rows, channel by channel (R: 16 KB per channel at D = 4096);
-//      z goes to the saved buffer (non-temporal stores), laid out (lane block, row, (c, s)).
-//   2. y = z L, lane block by lane block (L: 256 KB per block), chunk by chunk of rows.
+// Forward, per part (a range of rows, one thread), block k and super-chunk of rows, in two
+// phases that each keep their core in L2 (no core is re-read per chunk of rows):
+//   1. z = x R, chunk by chunk of rows, channel by channel (R: 16 KB per channel at D = 4096)
+//      into a scratch (stays in cache) and, non-temporal, the saved z; both laid out (lane
+//      block, row, (c, s)) per super-chunk.
+//   2. y = z L, lane block by lane block (L: 256 KB per block), chunk by chunk, from the scratch.
 template <typename T>
 void forward_impl(const at::Tensor& x, const at::Tensor& r, const at::Tensor& l, const Dims& m,
                   at::Tensor& y, at::Tensor& z) {
@@ -373,64 +376,70 @@ void forward_impl(const at::Tensor& x, const at::Tensor& r, const at::Tensor& l,
   at::parallel_for(0, m.P, 1, [&](int64_t p0, int64_t p1) {
     Clock ck;
     std::vector<T> ys(m.CS > KC ? m.n * m.A * m.L : 0);
+    std::vector<T> zbuf(m.NB * std::min(m.SC, m.row0(p1) - m.row0(p0)) * m.RZ);
+    T* zs = zbuf.data();
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t R0 = m.row0(p), Np = m.row0(p + 1) - R0;
-      for (int64_t kk = 0; kk < m.k; ++kk) {
-        T* zp = Z + (R0 * m.k + kk * Np) * m.NB * m.RZ;  // (lane block, row, RZ)
-        for (int64_t r0 = 0; r0 < Np; r0 += m.n) {  // z[n, c, s, :] = x[n, c, :] R[c, :, s, :]
-          const int64_t nr = std::min(m.n, Np - r0), n1 = std::min(m.n, Np - r0 - nr);
-          const T* xr = X + (R0 + r0) * m.Dx + kk * m.C * m.D;
-          Prefetch pf;
-          pf.add(xr + nr * m.Dx, n1, m.Dx, 1, 0, m.C * m.D);
-          pf.plan(m.C * m.S * ceil_div(m.NB, BV) * ceil_div(nr, BM));
-          for (int64_t c = 0; c < m.C; ++c)
-            for (int64_t s = 0; s < m.S; ++s) {
-              BOp<T> o{xr + c * m.D, m.Dx, 1, Rp + ((kk * m.C + c) * m.S + s) * m.D * m.B, m.B, m.L,
-                       zp + r0 * m.RZ + (c * m.S + s) * m.L, m.RZ, Np * m.RZ, ntz};
-              bgemm(o, nr, m.NB, m.D, false, &pf);
-            }
-        }
-        fence();
-        ck.lap(kZ);
-        for (int64_t bv = 0; bv < m.NB; ++bv) {  // y[n, a, b] = sum_cs z[n, cs, b] L[cs, a, b]
-          const T* Lk = Lf + (kk * m.NB + bv) * m.CS * m.A * m.L;
-          for (int64_t r0 = 0; r0 < Np; r0 += m.n) {
-            const int64_t nr = std::min(m.n, Np - r0), n1 = std::min(m.n, Np - r0 - nr);
-            const T* zr = zp + (bv * Np + r0) * m.RZ;
-            T* yr = Y + (R0 + r0) * m.Dy + kk * m.A * m.B + bv * m.L;
+      for (int64_t kk = 0; kk < m.k; ++kk)
+        for (int64_t s0 = 0; s0 < Np; s0 += m.SC) {
+          const int64_t ns = std::min(m.SC, Np - s0);
+          T* zp = Z + ((R0 * m.k + kk * Np) + s0) * m.NB * m.RZ;  // saved: (lane block, row, RZ)
+          for (int64_t r0 = 0; r0 < ns; r0 += m.n) {  // z[n, c, s, :] = x[n, c, :] R[c, :, s, :]
+            const int64_t nr = std::min(m.n, ns - r0), n1 = std::min(m.n, Np - s0 - r0 - nr);
+            const T* xr = X + (R0 + s0 + r0) * m.Dx + kk * m.C * m.D;
             Prefetch pf;
-            pf.add(zr + nr * m.RZ, 1, 0, 1, 0, n1 * m.RZ);
-            pf.plan(ceil_div(m.A, HJ) * ceil_div(nr, HM) * ceil_div(m.CS, KC));
-            if (m.CS <= KC) {
-              HOp<T> o{zr, m.RZ, m.L, Lk, 0, 0, true, yr, m.Dy, m.B, nty};
-              hgemm(o, nr, m.A, m.CS, false, &pf);
-              continue;
-            }
-            // K = C*S in blocks of KC (the packed panels' K x HJ block stays in L1), summed in
-            // a cache-resident scratch, then streamed to y
-            for (int64_t k0 = 0; k0 < m.CS; k0 += KC) {
-              HOp<T> o{zr + k0 * m.L, m.RZ, m.L, Lk, 0, 0, true, ys.data(), m.A * m.L, m.L,
-                       false, m.CS, k0};
-              hgemm(o, nr, m.A, std::min(KC, m.CS - k0), k0 > 0, &pf);
-            }
-            for (int64_t i = 0; i < nr; ++i)
-              for (int64_t a = 0; a < m.A; ++a)
-                Vec<T>::store(yr + i * m.Dy + a * m.B, Vec<T>::load(ys.data() + (i * m.A + a) * m.L),
-                              nty);
+            pf.add(xr + nr * m.Dx, n1, m.Dx, 1, 0, m.C * m.D);
+            pf.plan(m.C * m.S * ceil_div(m.NB, BV) * ceil_div(nr, BM));
+            for (int64_t c = 0; c < m.C; ++c)
+              for (int64_t s = 0; s < m.S; ++s) {
+                const int64_t at = r0 * m.RZ + (c * m.S + s) * m.L;
+                BOp<T> o{xr + c * m.D, m.Dx, 1, Rp + ((kk * m.C + c) * m.S + s) * m.D * m.B, m.B,
+                         m.L, zs + at, m.RZ, ns * m.RZ, false, zp + at};
+                if (!ntz) o.C2 = nullptr;
+                bgemm(o, nr, m.NB, m.D, false, &pf);
+              }
+            if (!ntz)
+              for (int64_t bv = 0; bv < m.NB; ++bv)
+                std::memcpy(zp + (bv * ns + r0) * m.RZ, zs + (bv * ns + r0) * m.RZ,
+                            nr * m.RZ * sizeof(T));
           }
+          ck.lap(kZ);
+          for (int64_t bv = 0; bv < m.NB; ++bv) {  // y[n, a, b] = sum_cs z[n, cs, b] L[cs, a, b]
+            const T* Lk = Lf + (kk * m.NB + bv) * m.CS * m.A * m.L;
+            for (int64_t r0 = 0; r0 < ns; r0 += m.n) {
+              const int64_t nr = std::min(m.n, ns - r0);
+              const T* zr = zs + (bv * ns + r0) * m.RZ;
+              T* yr = Y + (R0 + s0 + r0) * m.Dy + kk * m.A * m.B + bv * m.L;
+              if (m.CS <= KC) {
+                HOp<T> o{zr, m.RZ, m.L, Lk, 0, 0, true, yr, m.Dy, m.B, nty};
+                hgemm(o, nr, m.A, m.CS, false, nullptr);
+                continue;
+              }
+              // K = C*S in blocks of KC (the packed panels' K x HJ block stays in L1), summed in
+              // a cache-resident scratch, then streamed to y
+              for (int64_t k0 = 0; k0 < m.CS; k0 += KC) {
+                HOp<T> o{zr + k0 * m.L, m.RZ, m.L, Lk, 0, 0, true, ys.data(), m.A * m.L, m.L,
+                         false, m.CS, k0};
+                hgemm(o, nr, m.A, std::min(KC, m.CS - k0), k0 > 0, nullptr);
+              }
+              for (int64_t i = 0; i < nr; ++i)
+                for (int64_t a = 0; a < m.A; ++a)
+                  Vec<T>::store(yr + i * m.Dy + a * m.B,
+                                Vec<T>::load(ys.data() + (i * m.A + a) * m.L), nty);
+            }
+          }
+          ck.lap(kY);
         }
-        ck.lap(kY);
-      }
     }
     fence();
   });
 }
 
-// Backward, per part and block k, in two phases that keep their cores and the part's own
-// partial weight gradients in L2:
+// Backward, per part, block k and super-chunk of rows, in two phases that keep their cores and
+// the part's own partial weight gradients in L2:
 //   H. lane blocks in groups (L and gL: 256 KB each per block at D = 4096), chunk by chunk of
 //      rows: gy packed per chunk (lane block, row, a, lane); gL += z^T gy; gz = gy L into a
-//      buffer laid out ((c, s), row, b) (non-temporal stores).
+//      scratch laid out ((c, s), row, b) (it stays in cache).
 //   B. channels in groups (R and gR: 16 KB each per channel), chunk by chunk of rows:
 //      gR += x^T gz; gx = gz R^T (non-temporal stores).
 template <typename T>
@@ -445,7 +454,6 @@ void backward_impl(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& 
   const int64_t glsize = m.k * m.NB * m.CS * m.A * m.L, grsize = r.numel();
   at::Tensor glp = need_l ? at::zeros({P, glsize}, x.options()) : at::Tensor();
   at::Tensor grp = need_r ? at::zeros({P, grsize}, x.options()) : at::Tensor();
-  at::Tensor gzb = need_z ? at::empty({m.N * m.CS * m.B}, x.options()) : at::Tensor();
   clock.lap(kPack);
   const T* GY = gy.data_ptr<T>();
   const T* X = x.data_ptr<T>();
@@ -453,90 +461,90 @@ void backward_impl(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& 
   const T* Lb = need_z ? lb.data_ptr<T>() : nullptr;
   const T* Rt = need_x ? rt.data_ptr<T>() : nullptr;
   T* GX = need_x ? gx.data_ptr<T>() : nullptr;
-  T* GZ = need_z ? gzb.data_ptr<T>() : nullptr;
-  const bool ntx = need_x && aligned64(GX), ntz = need_z && aligned64(GZ);
+  const bool ntx = need_x && aligned64(GX);
   const int64_t G = group(GROUP_BYTES, 2 * m.CS * m.A * m.L * (int64_t)sizeof(T), m.NB);
   const int64_t GC = group(GROUP_BYTES, 2 * m.D * m.S * m.B * (int64_t)sizeof(T), m.C);
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
     Clock ck;
     std::vector<T> gyc(G * m.n * RA);
+    std::vector<T> gzs(need_z ? m.CS * std::min(m.SC, m.row0(p1) - m.row0(p0)) * m.B : 0);
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t R0 = m.row0(p), Np = m.row0(p + 1) - R0;
       T* GL = need_l ? glp.data_ptr<T>() + p * glsize : nullptr;
       T* GR = need_r ? grp.data_ptr<T>() + p * grsize : nullptr;
-      T* gzp = need_z ? GZ + R0 * m.CS * m.B : nullptr;  // ((c, s), row, b) of this part
-      for (int64_t kk = 0; kk < m.k; ++kk) {
-        const T* zp = Z + (R0 * m.k + kk * Np) * m.NB * m.RZ;
-        for (int64_t g0 = 0; g0 < m.NB && (need_l || need_z); g0 += G) {  // phase H
-          const int64_t ng = std::min(G, m.NB - g0);
-          for (int64_t r0 = 0; r0 < Np; r0 += m.n) {
-            const int64_t nr = std::min(m.n, Np - r0), n1 = std::min(m.n, Np - r0 - nr);
-            const T* gyr = GY + (R0 + r0) * m.Dy + kk * m.A * m.B + g0 * m.L;
-            Prefetch pf;
-            pf.add(gyr + nr * m.Dy, n1, m.Dy, m.A, m.B, ng * m.L);
-            if (need_l) pf.add(zp + (g0 * Np + r0 + nr) * m.RZ, ng, Np * m.RZ, 1, 0, n1 * m.RZ);
-            pf.plan(ng * ((need_l ? ceil_div(m.A, HJ) * ceil_div(m.CS, HM) : 0) +
-                          (need_z ? ceil_div(m.CS, HJ) * ceil_div(nr, HM) : 0)));
-            for (int64_t i = 0; i < nr; ++i)  // gy[n, a, b] -> gyc[lane block][n][a][lane]
-              for (int64_t a = 0; a < m.A; ++a)
-                for (int64_t gi = 0; gi < ng; ++gi)
-                  std::memcpy(gyc.data() + (gi * m.n + i) * RA + a * m.L,
-                              gyr + i * m.Dy + a * m.B + gi * m.L, 64);
-            ck.lap(kGradIn);
-            for (int64_t gi = 0; gi < ng; ++gi) {
-              const int64_t bv = g0 + gi;
-              const T* g = gyc.data() + gi * m.n * RA;
-              if (need_l) {  // gL[cs, a, b] += sum_n z[n, cs, b] gy[n, a, b]
-                HOp<T> o{zp + (bv * Np + r0) * m.RZ, m.L, m.RZ, g, RA, m.L, false,
-                         GL + (kk * m.NB + bv) * m.CS * m.A * m.L, m.A * m.L, m.L, false};
-                hgemm(o, m.CS, m.A, nr, true, &pf);
-                ck.lap(kGL);
+      for (int64_t kk = 0; kk < m.k; ++kk)
+        for (int64_t s0 = 0; s0 < Np; s0 += m.SC) {
+          const int64_t ns = std::min(m.SC, Np - s0);
+          const T* zp = Z + ((R0 * m.k + kk * Np) + s0) * m.NB * m.RZ;  // (lane block, row, RZ)
+          T* gzp = gzs.data();  // ((c, s), row, b) of this super-chunk
+          for (int64_t g0 = 0; g0 < m.NB && (need_l || need_z); g0 += G) {  // phase H
+            const int64_t ng = std::min(G, m.NB - g0);
+            for (int64_t r0 = 0; r0 < ns; r0 += m.n) {
+              const int64_t nr = std::min(m.n, ns - r0), n1 = std::min(m.n, ns - r0 - nr);
+              const T* gyr = GY + (R0 + s0 + r0) * m.Dy + kk * m.A * m.B + g0 * m.L;
+              Prefetch pf;
+              pf.add(gyr + nr * m.Dy, n1, m.Dy, m.A, m.B, ng * m.L);
+              if (need_l) pf.add(zp + (g0 * ns + r0 + nr) * m.RZ, ng, ns * m.RZ, 1, 0, n1 * m.RZ);
+              pf.plan(ng * ((need_l ? ceil_div(m.A, HJ) * ceil_div(m.CS, HM) : 0) +
+                            (need_z ? ceil_div(m.CS, HJ) * ceil_div(nr, HM) : 0)));
+              for (int64_t i = 0; i < nr; ++i)  // gy[n, a, b] -> gyc[lane block][n][a][lane]
+                for (int64_t a = 0; a < m.A; ++a)
+                  for (int64_t gi = 0; gi < ng; ++gi)
+                    std::memcpy(gyc.data() + (gi * m.n + i) * RA + a * m.L,
+                                gyr + i * m.Dy + a * m.B + gi * m.L, 64);
+              ck.lap(kGradIn);
+              for (int64_t gi = 0; gi < ng; ++gi) {
+                const int64_t bv = g0 + gi;
+                const T* g = gyc.data() + gi * m.n * RA;
+                if (need_l) {  // gL[cs, a, b] += sum_n z[n, cs, b] gy[n, a, b]
+                  HOp<T> o{zp + (bv * ns + r0) * m.RZ, m.L, m.RZ, g, RA, m.L, false,
+                           GL + (kk * m.NB + bv) * m.CS * m.A * m.L, m.A * m.L, m.L, false};
+                  hgemm(o, m.CS, m.A, nr, true, &pf);
+                  ck.lap(kGL);
+                }
+                if (need_z) {  // gz[n, cs, b] = sum_a gy[n, a, b] L[cs, a, b]
+                  HOp<T> o{g, RA, m.L, Lb + (kk * m.NB + bv) * m.CS * m.A * m.L, 0, 0, true,
+                           gzp + r0 * m.B + bv * m.L, m.B, ns * m.B, false};
+                  hgemm(o, nr, m.CS, m.A, false, &pf);
+                  ck.lap(kGZ);
+                }
               }
-              if (need_z) {  // gz[n, cs, b] = sum_a gy[n, a, b] L[cs, a, b]
-                HOp<T> o{g, RA, m.L, Lb + (kk * m.NB + bv) * m.CS * m.A * m.L, 0, 0, true,
-                         gzp + r0 * m.B + bv * m.L, m.B, Np * m.B, ntz};
-                hgemm(o, nr, m.CS, m.A, false, &pf);
-                ck.lap(kGZ);
+            }
+          }
+          for (int64_t c0 = 0; c0 < m.C && need_z; c0 += GC) {  // phase B
+            const int64_t nc = std::min(GC, m.C - c0);
+            for (int64_t r0 = 0; r0 < ns; r0 += m.n) {
+              const int64_t nr = std::min(m.n, ns - r0), n1 = std::min(m.n, ns - r0 - nr);
+              const T* xr = X + (R0 + s0 + r0) * m.Dx + (kk * m.C + c0) * m.D;
+              Prefetch pf;
+              if (need_r) pf.add(xr + nr * m.Dx, n1, m.Dx, 1, 0, nc * m.D);
+              pf.plan(nc * m.S * ((need_r ? ceil_div(m.NB, BV) * ceil_div(m.D, BM) : 0) +
+                                  (need_x ? ceil_div(m.D / m.L, BV) * ceil_div(nr, BM) : 0)));
+              for (int64_t c = c0; c < c0 + nc; ++c) {
+                if (need_r) {  // gR[c, d, s, :] += sum_n x[n, c, d] gz[n, c, s, :]
+                  for (int64_t s = 0; s < m.S; ++s) {
+                    BOp<T> o{xr + (c - c0) * m.D, 1, m.Dx,
+                             gzp + ((c * m.S + s) * ns + r0) * m.B, m.B, m.L,
+                             GR + (kk * m.C + c) * m.D * m.S * m.B + s * m.B, m.S * m.B, m.L,
+                             false};
+                    bgemm(o, m.D, m.NB, nr, true, &pf);
+                  }
+                  ck.lap(kGR);
+                }
+                if (need_x) {  // gx[n, c, :] = sum_{s, b} gz[n, c, s, b] R[c, :, b, s]
+                  for (int64_t s = 0; s < m.S; ++s) {
+                    BOp<T> o{gzp + ((c * m.S + s) * ns + r0) * m.B, m.B, 1,
+                             Rt + ((kk * m.C + c) * m.S + s) * m.B * m.D, m.D, m.L,
+                             GX + (R0 + s0 + r0) * m.Dx + (kk * m.C + c) * m.D, m.Dx, m.L,
+                             ntx && s == m.S - 1};
+                    bgemm(o, nr, m.D / m.L, m.B, s > 0, &pf);
+                  }
+                  ck.lap(kGX);
+                }
               }
             }
           }
         }
-        fence();
-        for (int64_t c0 = 0; c0 < m.C && need_z; c0 += GC) {  // phase B
-          const int64_t nc = std::min(GC, m.C - c0);
-          for (int64_t r0 = 0; r0 < Np; r0 += m.n) {
-            const int64_t nr = std::min(m.n, Np - r0), n1 = std::min(m.n, Np - r0 - nr);
-            const T* xr = X + (R0 + r0) * m.Dx + (kk * m.C + c0) * m.D;
-            Prefetch pf;
-            pf.add(gzp + (c0 * m.S * Np + r0 + nr) * m.B, nc * m.S, Np * m.B, 1, 0, n1 * m.B);
-            if (need_r) pf.add(xr + nr * m.Dx, n1, m.Dx, 1, 0, nc * m.D);
-            pf.plan(nc * m.S * ((need_r ? ceil_div(m.NB, BV) * ceil_div(m.D, BM) : 0) +
-                                (need_x ? ceil_div(m.D / m.L, BV) * ceil_div(nr, BM) : 0)));
-            for (int64_t c = c0; c < c0 + nc; ++c) {
-              if (need_r) {  // gR[c, d, s, :] += sum_n x[n, c, d] gz[n, c, s, :]
-                for (int64_t s = 0; s < m.S; ++s) {
-                  BOp<T> o{xr + (c - c0) * m.D, 1, m.Dx,
-                           gzp + ((c * m.S + s) * Np + r0) * m.B, m.B, m.L,
-                           GR + (kk * m.C + c) * m.D * m.S * m.B + s * m.B, m.S * m.B, m.L,
-                           false};
-                  bgemm(o, m.D, m.NB, nr, true, &pf);
-                }
-                ck.lap(kGR);
-              }
-              if (need_x) {  // gx[n, c, :] = sum_{s, b} gz[n, c, s, b] R[c, :, b, s]
-                for (int64_t s = 0; s < m.S; ++s) {
-                  BOp<T> o{gzp + ((c * m.S + s) * Np + r0) * m.B, m.B, 1,
-                           Rt + ((kk * m.C + c) * m.S + s) * m.B * m.D, m.D, m.L,
-                           GX + (R0 + r0) * m.Dx + (kk * m.C + c) * m.D, m.Dx, m.L,
-                           ntx && s == m.S - 1};
-                  bgemm(o, nr, m.D / m.L, m.B, s > 0, &pf);
-                }
-                ck.lap(kGX);
-              }
-            }
-          }
-        }
-      }
     }
     fence();
   });
@@ -576,8 +584,8 @@ void backward_impl(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& 
 
 std::tuple<at::Tensor, at::Tensor> btt_forward(const at::Tensor& x, const at::Tensor& r,
                                                const at::Tensor& l, int64_t chunk,
-                                               int64_t parts, bool save) {
-  const Dims m = dims(x, r, l, chunk, parts);
+                                               int64_t super, int64_t parts, bool save) {
+  const Dims m = dims(x, r, l, chunk, super, parts);
   at::Tensor y = at::empty({m.N, m.Dy}, x.options());
   at::Tensor z = at::empty({m.zsize()}, x.options());
   if (m.N > 0) {
@@ -593,8 +601,9 @@ std::tuple<at::Tensor, at::Tensor> btt_forward(const at::Tensor& x, const at::Te
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> btt_backward(
     const at::Tensor& gy, const at::Tensor& x, const at::Tensor& z, const at::Tensor& r,
-    const at::Tensor& l, int64_t chunk, int64_t parts, bool need_x, bool need_r, bool need_l) {
-  const Dims m = dims(x, r, l, chunk, parts);
+    const at::Tensor& l, int64_t chunk, int64_t super, int64_t parts, bool need_x, bool need_r,
+    bool need_l) {
+  const Dims m = dims(x, r, l, chunk, super, parts);
   TORCH_CHECK(gy.is_contiguous() && gy.size(0) == m.N && gy.size(1) == m.Dy &&
                   gy.scalar_type() == x.scalar_type() && z.numel() == m.zsize(),
               "btt_backward: grad (N, k*A*B) contiguous and the z btt_forward saved");
@@ -625,10 +634,10 @@ std::vector<double> btt_stats(bool reset) {
 }  // namespace
 
 TORCH_LIBRARY(mlbtc_btt, m) {
-  m.def("btt_forward(Tensor x, Tensor r, Tensor l, int chunk, int parts, bool save) -> "
-        "(Tensor, Tensor)");
+  m.def("btt_forward(Tensor x, Tensor r, Tensor l, int chunk, int super, int parts, bool save) "
+        "-> (Tensor, Tensor)");
   m.def("btt_backward(Tensor grad_y, Tensor x, Tensor z, Tensor r, Tensor l, int chunk, "
-        "int parts, bool need_x, bool need_r, bool need_l) -> (Tensor, Tensor, Tensor)");
+        "int super, int parts, bool need_x, bool need_r, bool need_l) -> (Tensor, Tensor, Tensor)");
   m.def("btt_stats(bool reset) -> float[]", &btt_stats);
 }
 

@@ -72,8 +72,10 @@ def _tol(dtype):
 @pytest.mark.parametrize("dtype, k, s, cd, ab", CASES)
 def test_kernel_equals_bmm_path_and_dense(dtype, k, s, cd, ab, rows, need, monkeypatch):
     """Chunks of 5 rows (N = 1, 7 and 23 rows: one chunk, a partial last one, several per
-    thread), gradients for every subset of (x, R, L); the same FLOPs as the bmm path."""
+    thread; with N = 23 also one super-chunk per chunk), gradients for every subset of
+    (x, R, L); the same FLOPs as the bmm path."""
     monkeypatch.setattr(linear_cpu, "MAX_CHUNK", 5)
+    monkeypatch.setattr(linear_cpu, "SUPER_BYTES", 1 if rows == 23 else linear_cpu.SUPER_BYTES)
     m, spec = _module(dtype, k, s, cd, ab)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(rows, spec.n_in, generator=g, dtype=dtype)
