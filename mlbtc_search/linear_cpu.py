@@ -34,7 +34,7 @@ SOURCE = Path(__file__).with_name("csrc") / "btt_linear.cpp"
 # the intermediate z (k*C*S*B per row); 32 rows at D = 4096 in float32. Rows per super-chunk
 # (whose z and gz stay in cache between the two phases of a pass): about SUPER_BYTES of z.
 CHUNK_BYTES = 512 * 1024
-MAX_CHUNK = 256
+MIN_CHUNK, MAX_CHUNK = 32, 256  # (the weight gradients sum over a chunk in registers)
 SUPER_BYTES = 8 << 20
 
 _state: dict[str, bool] = {}
@@ -87,7 +87,7 @@ def split(rows: int, R: Tensor) -> tuple[int, int, int]:
     range of rows per thread)."""
     k, C, _, B, S = R.shape
     per_row = k * C * S * B * R.element_size()  # bytes of z per row
-    chunk = max(1, min(MAX_CHUNK, CHUNK_BYTES // per_row))
+    chunk = max(min(MIN_CHUNK, MAX_CHUNK), min(MAX_CHUNK, CHUNK_BYTES // per_row))
     return chunk, max(1, SUPER_BYTES // per_row // chunk) * chunk, \
         max(1, min(torch.get_num_threads(), -(-rows // chunk)))
 

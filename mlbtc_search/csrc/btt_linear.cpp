@@ -115,7 +115,11 @@ struct Prefetch {
 };
 
 constexpr int BM = 6, BV = 4;  // broadcast tile: 6 rows x 4 vectors (24 accumulators)
-constexpr int HM = 4, HJ = 6;  // Hadamard tile: 4 x 6 vectors (24 accumulators)
+#ifndef BTT_HM
+#define BTT_HM 4
+#define BTT_HJ 6
+#endif
+constexpr int HM = BTT_HM, HJ = BTT_HJ;  // Hadamard tile: 4 x 6 vectors (24 accumulators)
 
 // Broadcast GEMM operands: C[i][v] (+)= sum_p A[i * ars + p * aps] B[p * bps + v * bvs]
 // (scalars of A times vectors of B).
@@ -235,7 +239,9 @@ void hdisp(int nj, const HOp<T>& o, int64_t K, bool acc) {
     case 3: return hkern<T, MR, 3>(o, K, acc);
     case 4: return hkern<T, MR, 4>(o, K, acc);
     case 5: return hkern<T, MR, 5>(o, K, acc);
-    default: return hkern<T, MR, 6>(o, K, acc);
+    case 6: return hkern<T, MR, 6>(o, K, acc);
+    case 7: return hkern<T, MR, 7>(o, K, acc);
+    default: return hkern<T, MR, HJ>(o, K, acc);
   }
 }
 
@@ -263,7 +269,7 @@ void hgemm(const HOp<T>& o, int64_t M, int64_t N, int64_t K, bool acc, Prefetch*
         case 1: hdisp<T, 1>(nj, t, K, acc); break;
         case 2: hdisp<T, 2>(nj, t, K, acc); break;
         case 3: hdisp<T, 3>(nj, t, K, acc); break;
-        default: hdisp<T, 4>(nj, t, K, acc); break;
+        default: hdisp<T, HM>(nj, t, K, acc); break;
       }
       if (pf) pf->step();
     }
