@@ -481,9 +481,11 @@ void backward_impl(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& 
   const bool ntx = need_x && aligned64(GX);
   const int64_t G = group(GROUP_BYTES, 2 * m.CS * m.A * m.L * (int64_t)sizeof(T), m.NB);
   const int64_t GC = group(GROUP_BYTES, 2 * m.D * m.S * m.B * (int64_t)sizeof(T), m.C);
+  // chunks twice the forward's: the weight gradients sum over a chunk in registers
+  const int64_t nb = std::min(2 * m.n, m.SC);
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
     Clock ck;
-    Scratch<T> gyc(G * m.n * RA);
+    Scratch<T> gyc(G * nb * RA);
     Scratch<T> gzs(need_z ? m.CS * std::min(m.SC, m.row0(p1) - m.row0(p0)) * m.B : 0);
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t R0 = m.row0(p), Np = m.row0(p + 1) - R0;
@@ -496,8 +498,8 @@ void backward_impl(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& 
           T* gzp = gzs.data();  // ((c, s), row, b) of this super-chunk
           for (int64_t g0 = 0; g0 < m.NB && (need_l || need_z); g0 += G) {  // phase H
             const int64_t ng = std::min(G, m.NB - g0);
-            for (int64_t r0 = 0; r0 < ns; r0 += m.n) {
-              const int64_t nr = std::min(m.n, ns - r0), n1 = std::min(m.n, ns - r0 - nr);
+            for (int64_t r0 = 0; r0 < ns; r0 += nb) {
+              const int64_t nr = std::min(nb, ns - r0), n1 = std::min(nb, ns - r0 - nr);
               const T* gyr = GY + (R0 + s0 + r0) * m.Dy + kk * m.A * m.B + g0 * m.L;
               Prefetch pf;
               pf.add(gyr + nr * m.Dy, n1, m.Dy, m.A, m.B, ng * m.L);
@@ -507,12 +509,12 @@ void backward_impl(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& 
               for (int64_t i = 0; i < nr; ++i)  // gy[n, a, b] -> gyc[lane block][n][a][lane]
                 for (int64_t a = 0; a < m.A; ++a)
                   for (int64_t gi = 0; gi < ng; ++gi)
-                    std::memcpy(gyc.data() + (gi * m.n + i) * RA + a * m.L,
+                    std::memcpy(gyc.data() + (gi * nb + i) * RA + a * m.L,
                                 gyr + i * m.Dy + a * m.B + gi * m.L, 64);
               ck.lap(kGradIn);
               for (int64_t gi = 0; gi < ng; ++gi) {
                 const int64_t bv = g0 + gi;
-                const T* g = gyc.data() + gi * m.n * RA;
+                const T* g = gyc.data() + gi * nb * RA;
                 if (need_l) {  // gL[cs, a, b] += sum_n z[n, cs, b] gy[n, a, b]
                   HOp<T> o{zp + (bv * ns + r0) * m.RZ, m.L, m.RZ, g, RA, m.L, false,
                            GL + (kk * m.NB + bv) * m.CS * m.A * m.L, m.A * m.L, m.L, false};
@@ -530,8 +532,8 @@ void backward_impl(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& 
           }
           for (int64_t c0 = 0; c0 < m.C && need_z; c0 += GC) {  // phase B
             const int64_t nc = std::min(GC, m.C - c0);
-            for (int64_t r0 = 0; r0 < ns; r0 += m.n) {
-              const int64_t nr = std::min(m.n, ns - r0), n1 = std::min(m.n, ns - r0 - nr);
+            for (int64_t r0 = 0; r0 < ns; r0 += nb) {
+              const int64_t nr = std::min(nb, ns - r0), n1 = std::min(nb, ns - r0 - nr);
               const T* xr = X + (R0 + s0 + r0) * m.Dx + (kk * m.C + c0) * m.D;
               Prefetch pf;
               if (need_r) pf.add(xr + nr * m.Dx, n1, m.Dx, 1, 0, nc * m.D);
