@@ -10,14 +10,15 @@
 //   gz = gy . L (Hadamard), gL = z^T gy (Hadamard over rows), gR = x^T gz (broadcast over rows),
 //   gx = gz . R^T (broadcast). Exactly the six GEMMs of the bmm path: the same FLOPs.
 //
-// Rows run in chunks of `chunk` per thread; threads own contiguous ranges of chunks and their
-// own partial weight gradients, summed at the end in a fixed order (deterministic). A chunk's
-// inputs are first copied into cache-resident panels (sequential reads of its rows: x as
-// (c, row, d), gy as (lane block, row, a, lane)); z and gz live per chunk as (lane block, row,
-// (c, s), lane) with a one-vector pad per row (rows do not alias in the L1 sets). The weights are
-// packed once per call into the panels the register tiles read. y, gx and the saved z are
-// written with non-temporal stores (no read-for-ownership of lines that are overwritten whole).
-// z is saved for the backward in the chunk layout (an opaque buffer to Python).
+// Each thread owns a part (a range of rows) and its own partial weight gradients, summed at the
+// end in a fixed order (deterministic). A part runs in phases, each of which keeps one core (and
+// its gradient) in L2 while all of the part's rows stream past in chunks: at D = 4096 the cores
+// are 1 MB each, so re-reading them per chunk of rows (the first version) ran at the speed of
+// L3. The weights are packed once per call into the panels the register tiles read; z is saved
+// for the backward as (lane block, row, (c, s), lane) per super-chunk of rows, with a one-vector
+// pad per row (rows do not alias in the L1 sets); gz lives in a per-thread scratch per
+// super-chunk. y, gx and the saved z are written with non-temporal stores (no read for
+// ownership of lines that are overwritten whole). Measured per phase by btt_stats.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -94,41 +95,6 @@ struct Clock {
   }
 };
 
-// Prefetches (into L2) what the next chunk of rows reads, a few lines after every register tile
-// of the current chunk, so that its DRAM reads overlap this chunk's arithmetic. A range is
-// n1 x n2 runs of `lines` cache lines (strides s1, s2 in bytes).
-struct Prefetch {
-  struct Range {
-    const char* p;
-    int64_t n1, s1, n2, s2, lines;
-  };
-  Range r[4];
-  int nr = 0, cur = 0;
-  int64_t i1 = 0, i2 = 0, line = 0, per_step = 0;
-  template <typename T>
-  void add(const T* p, int64_t n1, int64_t s1, int64_t n2, int64_t s2, int64_t elems) {
-    if (n1 > 0 && n2 > 0 && elems > 0)
-      r[nr++] = {reinterpret_cast<const char*>(p), n1, s1 * (int64_t)sizeof(T), n2,
-                 s2 * (int64_t)sizeof(T), (int64_t)((elems * sizeof(T) + 63) / 64)};
-  }
-  void plan(int64_t steps) {  // spread over this many steps (register tiles)
-    int64_t lines = 0;
-    for (int i = 0; i < nr; ++i) lines += r[i].n1 * r[i].n2 * r[i].lines;
-    per_step = (lines + steps - 1) / std::max<int64_t>(steps, 1);
-  }
-  void step() {
-    for (int64_t q = 0; q < per_step && cur < nr; ++q) {
-      const Range& g = r[cur];
-      __builtin_prefetch(g.p + i1 * g.s1 + i2 * g.s2 + line * 64, 0, 2);
-      if (++line < g.lines) continue;
-      line = 0;
-      if (++i2 < g.n2) continue;
-      i2 = 0;
-      if (++i1 == g.n1) i1 = 0, ++cur;
-    }
-  }
-};
-
 constexpr int BM = 6, BV = 4;  // broadcast tile: 6 rows x 4 vectors (24 accumulators)
 #ifndef BTT_HM
 #define BTT_HM 4
@@ -186,7 +152,7 @@ void bdisp(int nv, const BOp<T>& o, int64_t K, bool acc) {
 
 // C (M x NV vectors) (+)= A (M x K) B (K x NV vectors); B's K x 4-vector panel stays in L1.
 template <typename T>
-void bgemm(const BOp<T>& o, int64_t M, int64_t NV, int64_t K, bool acc, Prefetch* pf) {
+void bgemm(const BOp<T>& o, int64_t M, int64_t NV, int64_t K, bool acc) {
   for (int64_t v0 = 0; v0 < NV; v0 += BV) {
     const int nv = (int)std::min<int64_t>(BV, NV - v0);
     for (int64_t i0 = 0; i0 < M; i0 += BM) {
@@ -203,7 +169,6 @@ void bgemm(const BOp<T>& o, int64_t M, int64_t NV, int64_t K, bool acc, Prefetch
         case 5: bdisp<T, 5>(nv, s, K, acc); break;
         default: bdisp<T, 6>(nv, s, K, acc); break;
       }
-      if (pf) pf->step();
     }
   }
 }
@@ -263,7 +228,7 @@ void hdisp(int nj, const HOp<T>& o, int64_t K, bool acc) {
 // C (M x N vectors) (+)= A (M x K) * B (K x N), elementwise in the lanes; B's K x HJ panel
 // stays in L1 while the rows of A stream past.
 template <typename T>
-void hgemm(const HOp<T>& o, int64_t M, int64_t N, int64_t K, bool acc, Prefetch* pf) {
+void hgemm(const HOp<T>& o, int64_t M, int64_t N, int64_t K, bool acc) {
   constexpr int L = Vec<T>::L;
   for (int64_t j0 = 0; j0 < N; j0 += HJ) {
     const int nj = (int)std::min<int64_t>(HJ, N - j0);
@@ -286,7 +251,6 @@ void hgemm(const HOp<T>& o, int64_t M, int64_t N, int64_t K, bool acc, Prefetch*
         case 3: hdisp<T, 3>(nj, t, K, acc); break;
         default: hdisp<T, HM>(nj, t, K, acc); break;
       }
-      if (pf) pf->step();
     }
   }
 }
@@ -404,16 +368,13 @@ void forward_impl(const at::Tensor& x, const at::Tensor& r, const at::Tensor& l,
           const int64_t ns = std::min(m.SC, Np - s0);
           T* zp = Z + ((R0 * m.k + kk * Np) + s0) * m.NB * m.RZ;  // saved: (lane block, row, RZ)
           for (int64_t r0 = 0; r0 < ns; r0 += m.n) {  // z[n, c, s, :] = x[n, c, :] R[c, :, s, :]
-            const int64_t nr = std::min(m.n, ns - r0), n1 = std::min(m.n, Np - s0 - r0 - nr);
+            const int64_t nr = std::min(m.n, ns - r0);
             const T* xr = X + (R0 + s0 + r0) * m.Dx + kk * m.C * m.D;
-            Prefetch pf;
-            pf.add(xr + nr * m.Dx, n1, m.Dx, 1, 0, m.C * m.D);
-            pf.plan(m.C * m.S * ceil_div(m.NB, BV) * ceil_div(nr, BM));
             for (int64_t c = 0; c < m.C; ++c)
               for (int64_t s = 0; s < m.S; ++s) {
                 BOp<T> o{xr + c * m.D, m.Dx, 1, Rp + ((kk * m.C + c) * m.S + s) * m.D * m.B, m.B,
                          m.L, zp + r0 * m.RZ + (c * m.S + s) * m.L, m.RZ, ns * m.RZ, ntz};
-                bgemm(o, nr, m.NB, m.D, false, &pf);
+                bgemm(o, nr, m.NB, m.D, false);
               }
           }
           fence();
@@ -421,15 +382,12 @@ void forward_impl(const at::Tensor& x, const at::Tensor& r, const at::Tensor& l,
           for (int64_t bv = 0; bv < m.NB; ++bv) {  // y[n, a, b] = sum_cs z[n, cs, b] L[cs, a, b]
             const T* Lk = Lf + (kk * m.NB + bv) * m.CS * m.A * m.L;
             for (int64_t r0 = 0; r0 < ns; r0 += m.n) {
-              const int64_t nr = std::min(m.n, ns - r0), n1 = std::min(m.n, ns - r0 - nr);
+              const int64_t nr = std::min(m.n, ns - r0);
               const T* zr = zp + (bv * ns + r0) * m.RZ;
               T* yr = Y + (R0 + s0 + r0) * m.Dy + kk * m.A * m.B + bv * m.L;
-              Prefetch pf;
-              pf.add(zr + nr * m.RZ, 1, 0, 1, 0, n1 * m.RZ);
-              pf.plan(ceil_div(m.A, HJ) * ceil_div(nr, HM) * ceil_div(m.CS, KC));
               if (m.CS <= KC) {
                 HOp<T> o{zr, m.RZ, m.L, Lk, 0, 0, true, yr, m.Dy, m.B, nty};
-                hgemm(o, nr, m.A, m.CS, false, &pf);
+                hgemm(o, nr, m.A, m.CS, false);
                 continue;
               }
               // K = C*S in blocks of KC (the packed panels' K x HJ block stays in L1), summed in
@@ -437,7 +395,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& r, const at::Tensor& l,
               for (int64_t k0 = 0; k0 < m.CS; k0 += KC) {
                 HOp<T> o{zr + k0 * m.L, m.RZ, m.L, Lk, 0, 0, true, ys.data(), m.A * m.L, m.L,
                          false, m.CS, k0};
-                hgemm(o, nr, m.A, std::min(KC, m.CS - k0), k0 > 0, &pf);
+                hgemm(o, nr, m.A, std::min(KC, m.CS - k0), k0 > 0);
               }
               for (int64_t i = 0; i < nr; ++i)
                 for (int64_t a = 0; a < m.A; ++a)
@@ -499,13 +457,8 @@ void backward_impl(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& 
           for (int64_t g0 = 0; g0 < m.NB && (need_l || need_z); g0 += G) {  // phase H
             const int64_t ng = std::min(G, m.NB - g0);
             for (int64_t r0 = 0; r0 < ns; r0 += nb) {
-              const int64_t nr = std::min(nb, ns - r0), n1 = std::min(nb, ns - r0 - nr);
+              const int64_t nr = std::min(nb, ns - r0);
               const T* gyr = GY + (R0 + s0 + r0) * m.Dy + kk * m.A * m.B + g0 * m.L;
-              Prefetch pf;
-              pf.add(gyr + nr * m.Dy, n1, m.Dy, m.A, m.B, ng * m.L);
-              if (need_l) pf.add(zp + (g0 * ns + r0 + nr) * m.RZ, ng, ns * m.RZ, 1, 0, n1 * m.RZ);
-              pf.plan(ng * ((need_l ? ceil_div(m.A, HJ) * ceil_div(m.CS, HM) : 0) +
-                            (need_z ? ceil_div(m.CS, HJ) * ceil_div(nr, HM) : 0)));
               for (int64_t i = 0; i < nr; ++i)  // gy[n, a, b] -> gyc[lane block][n][a][lane]
                 for (int64_t a = 0; a < m.A; ++a)
                   for (int64_t gi = 0; gi < ng; ++gi)
@@ -518,13 +471,13 @@ void backward_impl(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& 
                 if (need_l) {  // gL[cs, a, b] += sum_n z[n, cs, b] gy[n, a, b]
                   HOp<T> o{zp + (bv * ns + r0) * m.RZ, m.L, m.RZ, g, RA, m.L, false,
                            GL + (kk * m.NB + bv) * m.CS * m.A * m.L, m.A * m.L, m.L, false};
-                  hgemm(o, m.CS, m.A, nr, true, &pf);
+                  hgemm(o, m.CS, m.A, nr, true);
                   ck.lap(kGL);
                 }
                 if (need_z) {  // gz[n, cs, b] = sum_a gy[n, a, b] L[cs, a, b]
                   HOp<T> o{g, RA, m.L, Lb + (kk * m.NB + bv) * m.CS * m.A * m.L, 0, 0, true,
                            gzp + r0 * m.B + bv * m.L, m.B, ns * m.B, false};
-                  hgemm(o, nr, m.CS, m.A, false, &pf);
+                  hgemm(o, nr, m.CS, m.A, false);
                   ck.lap(kGZ);
                 }
               }
@@ -533,12 +486,8 @@ void backward_impl(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& 
           for (int64_t c0 = 0; c0 < m.C && need_z; c0 += GC) {  // phase B
             const int64_t nc = std::min(GC, m.C - c0);
             for (int64_t r0 = 0; r0 < ns; r0 += nb) {
-              const int64_t nr = std::min(nb, ns - r0), n1 = std::min(nb, ns - r0 - nr);
+              const int64_t nr = std::min(nb, ns - r0);
               const T* xr = X + (R0 + s0 + r0) * m.Dx + (kk * m.C + c0) * m.D;
-              Prefetch pf;
-              if (need_r) pf.add(xr + nr * m.Dx, n1, m.Dx, 1, 0, nc * m.D);
-              pf.plan(nc * m.S * ((need_r ? ceil_div(m.NB, BV) * ceil_div(m.D, BM) : 0) +
-                                  (need_x ? ceil_div(m.D / m.L, BV) * ceil_div(nr, BM) : 0)));
               for (int64_t c = c0; c < c0 + nc; ++c) {
                 if (need_r) {  // gR[c, d, s, :] += sum_n x[n, c, d] gz[n, c, s, :]
                   for (int64_t s = 0; s < m.S; ++s) {
@@ -546,7 +495,7 @@ void backward_impl(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& 
                              gzp + ((c * m.S + s) * ns + r0) * m.B, m.B, m.L,
                              GR + (kk * m.C + c) * m.D * m.S * m.B + s * m.B, m.S * m.B, m.L,
                              false};
-                    bgemm(o, m.D, m.NB, nr, true, &pf);
+                    bgemm(o, m.D, m.NB, nr, true);
                   }
                   ck.lap(kGR);
                 }
@@ -556,7 +505,7 @@ void backward_impl(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& 
                              Rt + ((kk * m.C + c) * m.S + s) * m.B * m.D, m.D, m.L,
                              GX + (R0 + s0 + r0) * m.Dx + (kk * m.C + c) * m.D, m.Dx, m.L,
                              ntx && s == m.S - 1};
-                    bgemm(o, nr, m.D / m.L, m.B, s > 0, &pf);
+                    bgemm(o, nr, m.D / m.L, m.B, s > 0);
                   }
                   ck.lap(kGX);
                 }
