@@ -332,13 +332,6 @@ at::Tensor pack_r(const at::Tensor& r, const Dims& m, bool forward) {
   return out;
 }
 
-// Lane blocks (Hadamard phases) or channels c (broadcast phases) whose weights, and weight
-// gradients, a phase keeps in L2 while all the rows of a part stream past: about `bytes`.
-inline int64_t group(int64_t bytes, int64_t per_item, int64_t items) {
-  return std::max<int64_t>(1, std::min<int64_t>(items, bytes / std::max<int64_t>(per_item, 1)));
-}
-constexpr int64_t GROUP_BYTES = 512 * 1024;
-
 // Forward, per part (a range of rows, one thread), block k and super-chunk of rows, in two
 // phases that each keep their core in L2 (no core is re-read per chunk of rows):
 //   1. z = x R, chunk by chunk of rows, channel by channel (R: 16 KB per channel at D = 4096)
@@ -410,13 +403,12 @@ void forward_impl(const at::Tensor& x, const at::Tensor& r, const at::Tensor& l,
   });
 }
 
-// Backward, per part, block k and super-chunk of rows, in two phases that keep their cores and
-// the part's own partial weight gradients in L2:
-//   H. lane blocks in groups (L and gL: 256 KB each per block at D = 4096), chunk by chunk of
-//      rows: gy packed per chunk (lane block, row, a, lane); gL += z^T gy; gz = gy L into a
-//      scratch laid out ((c, s), row, b) (it stays in cache).
-//   B. channels in groups (R and gR: 16 KB each per channel), chunk by chunk of rows:
-//      gR += x^T gz; gx = gz R^T (non-temporal stores).
+// Backward, per part, block k and super-chunk of rows (SC: 64 at D = 4096), in two phases:
+//   H. lane block by lane block: gy packed (lane block, row, a, lane); gL += z^T gy; gz = gy L
+//      into a scratch laid out ((c, s), row, b) that stays in L2.
+//   B. channel by channel: gR += x^T gz; gx = gz R^T (non-temporal stores).
+// The cores and the part's partial weight gradients are re-read per super-chunk, from L3 (in
+// one process, interleaved: super-chunks of 1 MB of gz ran faster than 2, 4, 8, 32 MB ones).
 template <typename T>
 void backward_impl(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& z,
                    const at::Tensor& r, const at::Tensor& l, const Dims& m, at::Tensor& gx,
@@ -437,14 +429,10 @@ void backward_impl(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& 
   const T* Rt = need_x ? rt.data_ptr<T>() : nullptr;
   T* GX = need_x ? gx.data_ptr<T>() : nullptr;
   const bool ntx = need_x && aligned64(GX);
-  const int64_t G = group(GROUP_BYTES, 2 * m.CS * m.A * m.L * (int64_t)sizeof(T), m.NB);
-  const int64_t GC = group(GROUP_BYTES, 2 * m.D * m.S * m.B * (int64_t)sizeof(T), m.C);
-  // chunks twice the forward's: the weight gradients sum over a chunk in registers
-  const int64_t nb = std::min(2 * m.n, m.SC);
   at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
     Clock ck;
-    Scratch<T> gyc(G * nb * RA);
-    Scratch<T> gzs(need_z ? m.CS * std::min(m.SC, m.row0(p1) - m.row0(p0)) * m.B : 0);
+    const int64_t sc = std::min(m.SC, m.row0(p1) - m.row0(p0));  // rows of a super-chunk, at most
+    Scratch<T> gyc(m.NB * sc * RA), gzs(need_z ? m.CS * sc * m.B : 0);
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t R0 = m.row0(p), Np = m.row0(p + 1) - R0;
       T* GL = need_l ? glp.data_ptr<T>() + p * glsize : nullptr;
@@ -453,63 +441,48 @@ void backward_impl(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& 
         for (int64_t s0 = 0; s0 < Np; s0 += m.SC) {
           const int64_t ns = std::min(m.SC, Np - s0);
           const T* zp = Z + ((R0 * m.k + kk * Np) + s0) * m.NB * m.RZ;  // (lane block, row, RZ)
-          T* gzp = gzs.data();  // ((c, s), row, b) of this super-chunk
-          for (int64_t g0 = 0; g0 < m.NB && (need_l || need_z); g0 += G) {  // phase H
-            const int64_t ng = std::min(G, m.NB - g0);
-            for (int64_t r0 = 0; r0 < ns; r0 += nb) {
-              const int64_t nr = std::min(nb, ns - r0);
-              const T* gyr = GY + (R0 + s0 + r0) * m.Dy + kk * m.A * m.B + g0 * m.L;
-              for (int64_t i = 0; i < nr; ++i)  // gy[n, a, b] -> gyc[lane block][n][a][lane]
-                for (int64_t a = 0; a < m.A; ++a)
-                  for (int64_t gi = 0; gi < ng; ++gi)
-                    std::memcpy(gyc.data() + (gi * nb + i) * RA + a * m.L,
-                                gyr + i * m.Dy + a * m.B + gi * m.L, 64);
-              ck.lap(kGradIn);
-              for (int64_t gi = 0; gi < ng; ++gi) {
-                const int64_t bv = g0 + gi;
-                const T* g = gyc.data() + gi * nb * RA;
-                if (need_l) {  // gL[cs, a, b] += sum_n z[n, cs, b] gy[n, a, b]
-                  HOp<T> o{zp + (bv * ns + r0) * m.RZ, m.L, m.RZ, g, RA, m.L, false,
-                           GL + (kk * m.NB + bv) * m.CS * m.A * m.L, m.A * m.L, m.L, false};
-                  hgemm(o, m.CS, m.A, nr, true);
-                  ck.lap(kGL);
-                }
-                if (need_z) {  // gz[n, cs, b] = sum_a gy[n, a, b] L[cs, a, b]
-                  HOp<T> o{g, RA, m.L, Lb + (kk * m.NB + bv) * m.CS * m.A * m.L, 0, 0, true,
-                           gzp + r0 * m.B + bv * m.L, m.B, ns * m.B, false};
-                  hgemm(o, nr, m.CS, m.A, false);
-                  ck.lap(kGZ);
-                }
-              }
+          const T* gyr = GY + (R0 + s0) * m.Dy + kk * m.A * m.B;
+          const T* xr = X + (R0 + s0) * m.Dx + kk * m.C * m.D;
+          T* gzp = gzs.data();  // ((c, s), row, b)
+          for (int64_t i = 0; i < ns; ++i)  // gy[n, a, b] -> gyc[lane block][n][a][lane]
+            for (int64_t a = 0; a < m.A; ++a)
+              for (int64_t bv = 0; bv < m.NB; ++bv)
+                std::memcpy(gyc.data() + (bv * sc + i) * RA + a * m.L,
+                            gyr + i * m.Dy + a * m.B + bv * m.L, 64);
+          ck.lap(kGradIn);
+          for (int64_t bv = 0; bv < m.NB; ++bv) {  // phase H
+            const T* g = gyc.data() + bv * sc * RA;
+            if (need_l) {  // gL[cs, a, b] += sum_n z[n, cs, b] gy[n, a, b]
+              HOp<T> o{zp + bv * ns * m.RZ, m.L, m.RZ, g, RA, m.L, false,
+                       GL + (kk * m.NB + bv) * m.CS * m.A * m.L, m.A * m.L, m.L, false};
+              hgemm(o, m.CS, m.A, ns, true);
+              ck.lap(kGL);
+            }
+            if (need_z) {  // gz[n, cs, b] = sum_a gy[n, a, b] L[cs, a, b]
+              HOp<T> o{g, RA, m.L, Lb + (kk * m.NB + bv) * m.CS * m.A * m.L, 0, 0, true,
+                       gzp + bv * m.L, m.B, ns * m.B, false};
+              hgemm(o, ns, m.CS, m.A, false);
+              ck.lap(kGZ);
             }
           }
-          for (int64_t c0 = 0; c0 < m.C && need_z; c0 += GC) {  // phase B
-            const int64_t nc = std::min(GC, m.C - c0);
-            for (int64_t r0 = 0; r0 < ns; r0 += nb) {
-              const int64_t nr = std::min(nb, ns - r0);
-              const T* xr = X + (R0 + s0 + r0) * m.Dx + (kk * m.C + c0) * m.D;
-              for (int64_t c = c0; c < c0 + nc; ++c) {
-                if (need_r) {  // gR[c, d, s, :] += sum_n x[n, c, d] gz[n, c, s, :]
-                  for (int64_t s = 0; s < m.S; ++s) {
-                    BOp<T> o{xr + (c - c0) * m.D, 1, m.Dx,
-                             gzp + ((c * m.S + s) * ns + r0) * m.B, m.B, m.L,
-                             GR + (kk * m.C + c) * m.D * m.S * m.B + s * m.B, m.S * m.B, m.L,
-                             false};
-                    bgemm(o, m.D, m.NB, nr, true);
-                  }
-                  ck.lap(kGR);
-                }
-                if (need_x) {  // gx[n, c, :] = sum_{s, b} gz[n, c, s, b] R[c, :, b, s]
-                  for (int64_t s = 0; s < m.S; ++s) {
-                    BOp<T> o{gzp + ((c * m.S + s) * ns + r0) * m.B, m.B, 1,
-                             Rt + ((kk * m.C + c) * m.S + s) * m.B * m.D, m.D, m.L,
-                             GX + (R0 + s0 + r0) * m.Dx + (kk * m.C + c) * m.D, m.Dx, m.L,
-                             ntx && s == m.S - 1};
-                    bgemm(o, nr, m.D / m.L, m.B, s > 0);
-                  }
-                  ck.lap(kGX);
-                }
+          for (int64_t c = 0; c < m.C && need_z; ++c) {  // phase B
+            if (need_r) {  // gR[c, d, s, :] += sum_n x[n, c, d] gz[n, c, s, :]
+              for (int64_t s = 0; s < m.S; ++s) {
+                BOp<T> o{xr + c * m.D, 1, m.Dx, gzp + (c * m.S + s) * ns * m.B, m.B, m.L,
+                         GR + (kk * m.C + c) * m.D * m.S * m.B + s * m.B, m.S * m.B, m.L, false};
+                bgemm(o, m.D, m.NB, ns, true);
               }
+              ck.lap(kGR);
+            }
+            if (need_x) {  // gx[n, c, :] = sum_{s, b} gz[n, c, s, b] R[c, :, b, s]
+              for (int64_t s = 0; s < m.S; ++s) {
+                BOp<T> o{gzp + (c * m.S + s) * ns * m.B, m.B, 1,
+                         Rt + ((kk * m.C + c) * m.S + s) * m.B * m.D, m.D, m.L,
+                         GX + (R0 + s0) * m.Dx + (kk * m.C + c) * m.D, m.Dx, m.L,
+                         ntx && s == m.S - 1};
+                bgemm(o, ns, m.D / m.L, m.B, s > 0);
+              }
+              ck.lap(kGX);
             }
           }
         }
