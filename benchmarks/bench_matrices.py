@@ -208,15 +208,22 @@ def what_limits_btt(D: int, rows: int, module: nn.Module, run: Callable[[], None
         torch.set_num_threads(threads)
     in_cache = 5 * 3 * f * few / sum(cached[k] for k in GEMMS) / 1e9
     moved = linear_cpu.traffic_bytes(rows, R, L)
+    src = torch.randn(rows, D)
+    dst = torch.empty_like(src)
+    copy = 2 * src.numel() * 4 / min(_time(lambda: dst.copy_(src)) for _ in range(3)) / 1e9
+    gemm_share = sum(phases[k] for k in GEMMS) / busy
     print(f"btt r=1 fused kernel, thread time per phase: {split}")
-    print(f"what limits btt r=1 (fused C++ kernel, measured): its six GEMMs have inner size "
-          f"{round(D**0.5)} and run at {per_core:.0f} GFLOP/s per core here, "
-          f"{per_core / dense_per_core:.2f} of dense's {dense_per_core:.0f} per core; on {few} "
-          f"rows that stay in cache, one thread, {in_cache:.0f} GFLOP/s "
-          f"({in_cache / dense_per_core:.2f} of dense: register tiles of 24 accumulators over an "
-          f"inner size of {round(D**0.5)}); the rest is "
-          f"memory: {moved / 1e9:.2f} GB streamed per step (x twice, y, gy, gx, z three times, "
-          f"gz twice) = {moved / t / 1e9:.1f} GB/s at {t * 1e3:.0f} ms")
+    print(f"what limits btt r=1 (fused C++ kernel, measured): {gemm_share:.0%} of its thread "
+          f"time is its six GEMMs (inner size {round(D**0.5)}), the rest packing gy and the "
+          f"cores and summing the threads' weight gradients; the GEMMs run at {per_core:.0f} "
+          f"GFLOP/s per core, {per_core / dense_per_core:.2f} of dense's {dense_per_core:.0f}; "
+          f"on {few} rows that stay in cache (one thread) at {in_cache:.0f} "
+          f"({in_cache / dense_per_core:.2f} of dense), so memory costs "
+          f"{max(0.0, 1 - per_core / in_cache):.0%} and the register tiles the rest: 24 "
+          f"accumulators loaded and stored every {round(D**0.5)} multiply-adds, and the "
+          f"Hadamard GEMMs (second core) load both operands as vectors; it moves "
+          f"{moved / 1e9:.2f} GB per step (x twice, y, gy, gx, z three times) = "
+          f"{moved / t / 1e9:.1f} GB/s, where a plain copy moves {copy:.0f} GB/s")
 
 
 def _time(run: Callable[[], None]) -> float:

@@ -79,10 +79,10 @@ def stats(reset: bool = True) -> dict[str, float]:
 
 
 def traffic_bytes(rows: int, R: Tensor, L: Tensor) -> int:
-    """Bytes a forward+backward streams through memory: x twice (z, gR), y, gy, gx once, the
-    saved z three times (written, read for y, read for gL) and gz twice (its buffer)."""
+    """Bytes a forward+backward moves through memory: x twice (for z and gR), y, gy, gx once
+    and the saved z three times (written, read for y, read for gL); gz stays in cache."""
     k, C, D, B, S = R.shape
-    return rows * R.element_size() * k * (3 * C * D + 2 * L.shape[4] * B + 5 * C * S * B)
+    return rows * R.element_size() * k * (3 * C * D + 2 * L.shape[4] * B + 3 * C * S * B)
 
 
 def split(rows: int, R: Tensor) -> tuple[int, int, int]:
