@@ -30,6 +30,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -58,7 +59,7 @@ struct Vec {  // 64-byte vectors: zmm registers under -march=native with AVX-512
 inline bool aligned64(const void* p) { return reinterpret_cast<uintptr_t>(p) % 64 == 0; }
 
 // A thread's scratch, 64-byte aligned: vectors that straddle two cache lines load at half speed
-// (std::vector's 16-byte alignment cost the Hadamard GEMMs about 30% in cache).
+// (with std::vector's 16-byte alignment the Hadamard GEMMs ran 12-17% slower in cache).
 template <typename T>
 struct Scratch {
   T* p = nullptr;
@@ -96,11 +97,7 @@ struct Clock {
 };
 
 constexpr int BM = 6, BV = 4;  // broadcast tile: 6 rows x 4 vectors (24 accumulators)
-#ifndef BTT_HM
-#define BTT_HM 4
-#define BTT_HJ 6
-#endif
-constexpr int HM = BTT_HM, HJ = BTT_HJ;  // Hadamard tile: 4 x 6 vectors (24 accumulators)
+constexpr int HM = 4, HJ = 6;  // Hadamard tile: 4 x 6 vectors (24 accumulators; 3 x 8 was slower)
 
 // Broadcast GEMM operands: C[i][v] (+)= sum_p A[i * ars + p * aps] B[p * bps + v * bvs]
 // (scalars of A times vectors of B).
@@ -113,7 +110,6 @@ struct BOp {
   T* C;
   int64_t crs, cvs;
   bool nt;  // non-temporal stores of C
-  T* C2 = nullptr;  // also (non-temporal) stores C here, at the same offsets
 };
 
 template <typename T, int MR, int NV>
@@ -135,9 +131,6 @@ void bkern(const BOp<T>& o, int64_t K, bool acc) {
   }
   for (int i = 0; i < MR; ++i)
     for (int v = 0; v < NV; ++v) W::store(o.C + i * o.crs + v * o.cvs, c[i][v], o.nt);
-  if (o.C2)
-    for (int i = 0; i < MR; ++i)
-      for (int v = 0; v < NV; ++v) W::store(o.C2 + i * o.crs + v * o.cvs, c[i][v], true);
 }
 
 template <typename T, int MR>
@@ -160,7 +153,6 @@ void bgemm(const BOp<T>& o, int64_t M, int64_t NV, int64_t K, bool acc) {
       s.A += i0 * o.ars;
       s.B += v0 * o.bvs;
       s.C += i0 * o.crs + v0 * o.cvs;
-      if (o.C2) s.C2 += i0 * o.crs + v0 * o.cvs;
       switch (std::min<int64_t>(BM, M - i0)) {
         case 1: bdisp<T, 1>(nv, s, K, acc); break;
         case 2: bdisp<T, 2>(nv, s, K, acc); break;
@@ -258,7 +250,8 @@ void hgemm(const HOp<T>& o, int64_t M, int64_t N, int64_t K, bool acc) {
 struct Dims {
   int64_t k, C, D, B, S, A, N, n, P;  // n: rows per chunk; P: parts (ranges of rows)
   int64_t L, NB, CS, RZ, Dx, Dy;      // lanes, lane blocks, C*S, z row stride (padded), x/y rows
-  int64_t SC;  // rows per super-chunk (multiple of n): its z and gz stay in L2/L3 between phases
+  int64_t SC;  // rows per super-chunk (a multiple of n): the saved z's layout block, the
+               // backward's unit (its gz stays in L2 between the two phases)
   int64_t row0(int64_t p) const { return p * N / P; }  // part p's first row
   int64_t zsize() const { return N * k * NB * RZ; }
 };
@@ -332,12 +325,12 @@ at::Tensor pack_r(const at::Tensor& r, const Dims& m, bool forward) {
   return out;
 }
 
-// Forward, per part (a range of rows, one thread), block k and super-chunk of rows, in two
-// phases that each keep their core in L2 (no core is re-read per chunk of rows):
-//   1. z = x R, chunk by chunk of rows, channel by channel (R: 16 KB per channel at D = 4096)
-//      into the saved z (non-temporal stores), laid out (lane block, row, (c, s)) per
-//      super-chunk. (Regular stores into a scratch that stays in L3 ran this phase 3x slower.)
-//   2. y = z L, lane block by lane block (L: 256 KB per block), chunk by chunk.
+// Forward, per part (a range of rows, one thread), block k and super-chunk of rows (64 at
+// D = 4096), in two phases, each of which streams one core (1 MB at D = 4096, from L3) past the
+// super-chunk's rows in chunks (32):
+//   1. z = x R, channel by channel (R: 16 KB per channel), into the saved z (non-temporal
+//      stores; regular stores into a scratch that stays in cache ran this phase 3x slower).
+//   2. y = z L, lane block by lane block (L: 256 KB per block), reading z back.
 template <typename T>
 void forward_impl(const at::Tensor& x, const at::Tensor& r, const at::Tensor& l, const Dims& m,
                   at::Tensor& y, at::Tensor& z) {
