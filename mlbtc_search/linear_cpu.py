@@ -78,6 +78,13 @@ def stats(reset: bool = True) -> dict[str, float]:
     return dict(zip(PHASES, torch.ops.mlbtc_btt.btt_stats(reset), strict=True))
 
 
+def tile_peak() -> tuple[float, float]:
+    """GFLOP/s of the broadcast and the Hadamard register tiles on operands in L1 (float32,
+    inner size 64, one thread): the ceiling of the kernel's GEMM phases, for benchmarks."""
+    broadcast, hadamard = torch.ops.mlbtc_btt.btt_tile_peak()
+    return broadcast, hadamard
+
+
 def traffic_bytes(rows: int, R: Tensor, L: Tensor) -> int:
     """Bytes a forward+backward moves through memory: x twice (for z and gR), y, gy, gx once
     and the saved z three times (written, read for y, read for gL); gz stays in cache."""

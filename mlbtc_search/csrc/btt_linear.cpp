@@ -565,6 +565,28 @@ std::vector<double> btt_stats(bool reset) {
   return out;
 }
 
+// GFLOP/s of the two register tiles (broadcast 6 x 4, Hadamard 4 x 6; float32, inner size 64)
+// on operands in L1, one thread: the ceiling the GEMM phases approach (for benchmarks)
+std::vector<double> btt_tile_peak() {
+  constexpr int L = Vec<float>::L, K = 64, REPS = 20000;
+  Scratch<float> a(K * 64), b(K * HJ * L), c(BM * BV * L);
+  for (int64_t i = 0; i < K * 64; ++i) a.data()[i] = 1e-3f;
+  for (int64_t i = 0; i < K * HJ * L; ++i) b.data()[i] = 1e-3f;
+  for (int64_t i = 0; i < BM * BV * L; ++i) c.data()[i] = 0.f;
+  const BOp<float> bo{a.data(), K, 1, b.data(), BV * L, L, c.data(), BV * L, L, false};
+  const HOp<float> ho{a.data(), K * L / 4, L, b.data(), HJ * L, L, false, c.data(), HJ * L, L,
+                      false};
+  auto rate = [&](auto&& tile, int64_t fmas) {
+    tile();
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int r = 0; r < REPS; ++r) tile();
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    return 2.0 * fmas * L * K * REPS / s * 1e-9;
+  };
+  return {rate([&] { bkern<float, BM, BV>(bo, K, true); }, BM * BV),
+          rate([&] { hkern<float, HM, HJ>(ho, K, true); }, HM * HJ)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(mlbtc_btt, m) {
@@ -573,6 +595,7 @@ TORCH_LIBRARY(mlbtc_btt, m) {
   m.def("btt_backward(Tensor grad_y, Tensor x, Tensor z, Tensor r, Tensor l, int chunk, "
         "int super, int parts, bool need_x, bool need_r, bool need_l) -> (Tensor, Tensor, Tensor)");
   m.def("btt_stats(bool reset) -> float[]", &btt_stats);
+  m.def("btt_tile_peak() -> float[]", &btt_tile_peak);
 }
 
 TORCH_LIBRARY_IMPL(mlbtc_btt, CPU, m) {
