@@ -3,15 +3,16 @@
 For each width D: BTT (rank 1 and 4), Monarch (the same spec as BTT rank 1: a repeat), low rank
 (D/16), Kronecker and a 3-core tensor train (ranks 4), compiled by ``compile_matrix``, plus a
 deliberately naive BTT (two bmm with an explicit contiguous permute copy around each, forward and
-backward, as einsum-search does) as a reference row. Achieved GFLOP/s =
-``flops(spec) * rows * 3`` (forward + backward, checked once against FlopCounterMode) / median
+backward, as einsum-search does) as a reference row, and on CPU BTT rank 1 once more through its
+batched-matmul path (``MLBTC_CPU_KERNEL=0``: what runs without the fused kernel). Achieved GFLOP/s
+= ``flops(spec) * rows * 3`` (forward + backward, checked once against FlopCounterMode) / median
 time; the ratio is to dense ``nn.Linear``'s GFLOP/s in the same run. Rows of one width are timed
-round-robin, so load that drifts during the run hits every row alike. On CPU, BTT rank 1 runs
-the fused C++ kernel (``mlbtc_search/linear_cpu.py``); the last lines are its own profile: time
-per phase, its GEMM rate per core against dense's, the same on rows that stay in cache, and the
-memory it streams. Freed memory is kept
-for reuse as training does on CPU (``mlbtc_search/malloc.py``; ``--default-malloc`` measures
-glibc's default, under which every fresh intermediate page-faults).
+round-robin, so load that drifts during the run hits every row alike. On CPU, BTT rank 1 runs the
+fused C++ kernel (``mlbtc_search/linear_cpu.py``); the last lines are its own profile: time per
+phase, its GEMM rate per core against dense's and against its register tiles' rate in L1, and the
+memory it moves. Freed memory is kept for reuse as training does on CPU
+(``mlbtc_search/malloc.py``; ``--default-malloc`` measures glibc's default, under which every fresh
+intermediate page-faults).
 
     python benchmarks/bench_matrices.py                 # D in {1024, 4096}, 4096 rows, fp32, CPU
     python benchmarks/bench_matrices.py --sizes 1024 --repeats 3
@@ -71,6 +72,26 @@ class NaiveBTT(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return _NaiveBTTFunction.apply(x, self.R, self.L)
+
+
+class BmmPath(nn.Module):
+    """A compiled matrix run with ``MLBTC_CPU_KERNEL=0``: its batched-matmul path (the
+    backward follows the forward's choice)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: Tensor) -> Tensor:
+        before = os.environ.get(linear_cpu.ENV)
+        os.environ[linear_cpu.ENV] = "0"
+        try:
+            return self.module(x)
+        finally:
+            if before is None:
+                del os.environ[linear_cpu.ENV]
+            else:
+                os.environ[linear_cpu.ENV] = before
 
 
 def structures(D: int) -> list[tuple[str, dict]]:
@@ -134,6 +155,8 @@ def bench(D: int, rows: int, repeats: int, warmup: int, device: str = "cpu") -> 
         entries.append((name, compile_matrix(spec), flops(spec)))
     btt = MatrixSpec.from_dict({"in": D, "out": D, "btt": {"rank": 1}}).levels[0].btc.sizes
     naive = NaiveBTT(btt["i"], btt["j"], btt["a"], btt["b"])
+    if device == "cpu":  # the same module as "btt r=1", without the fused C++ kernel
+        entries.append(("btt r=1, bmm path", BmmPath(entries[1][1]), entries[1][2]))
     entries.append(("naive btt r=1 (reference)", naive, flops(
         MatrixSpec.from_dict({"in": D, "out": D, "btt": {"rank": 1}}))))
 
