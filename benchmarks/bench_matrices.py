@@ -3,12 +3,16 @@
 For each width D: BTT (rank 1 and 4), Monarch (the same spec as BTT rank 1: a repeat), low rank
 (D/16), Kronecker and a 3-core tensor train (ranks 4), compiled by ``compile_matrix``, plus a
 deliberately naive BTT (two bmm with an explicit contiguous permute copy around each, forward and
-backward, as einsum-search does) as a reference row. Achieved GFLOP/s =
-``flops(spec) * rows * 3`` (forward + backward, checked once against FlopCounterMode) / median
+backward, as einsum-search does) as a reference row, and on CPU BTT rank 1 once more through its
+batched-matmul path (``MLBTC_CPU_KERNEL=0``: what runs without the fused kernel). Achieved GFLOP/s
+= ``flops(spec) * rows * 3`` (forward + backward, checked once against FlopCounterMode) / median
 time; the ratio is to dense ``nn.Linear``'s GFLOP/s in the same run. Rows of one width are timed
-round-robin, so load that drifts during the run hits every row alike. Freed memory is kept
-for reuse as training does on CPU (``mlbtc_search/malloc.py``; ``--default-malloc`` measures
-glibc's default, under which every fresh intermediate page-faults).
+round-robin, so load that drifts during the run hits every row alike. On CPU, BTT rank 1 runs the
+fused C++ kernel (``mlbtc_search/linear_cpu.py``); the last lines are its own profile: time per
+phase, its GEMM rate per core against dense's and against its register tiles' rate in L1, and the
+memory it moves. Freed memory is kept for reuse as training does on CPU
+(``mlbtc_search/malloc.py``; ``--default-malloc`` measures glibc's default, under which every fresh
+intermediate page-faults).
 
     python benchmarks/bench_matrices.py                 # D in {1024, 4096}, 4096 rows, fp32, CPU
     python benchmarks/bench_matrices.py --sizes 1024 --repeats 3
@@ -26,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 
-from mlbtc_search import MatrixSpec, compile_matrix, flops
+from mlbtc_search import MatrixSpec, compile_matrix, flops, linear_cpu
 from mlbtc_search.flopcount import flop_counter
 from mlbtc_search.malloc import reuse_freed_memory
 
@@ -68,6 +72,26 @@ class NaiveBTT(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return _NaiveBTTFunction.apply(x, self.R, self.L)
+
+
+class BmmPath(nn.Module):
+    """A compiled matrix run with ``MLBTC_CPU_KERNEL=0``: its batched-matmul path (the
+    backward follows the forward's choice)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: Tensor) -> Tensor:
+        before = os.environ.get(linear_cpu.ENV)
+        os.environ[linear_cpu.ENV] = "0"
+        try:
+            return self.module(x)
+        finally:
+            if before is None:
+                del os.environ[linear_cpu.ENV]
+            else:
+                os.environ[linear_cpu.ENV] = before
 
 
 def structures(D: int) -> list[tuple[str, dict]]:
@@ -131,6 +155,8 @@ def bench(D: int, rows: int, repeats: int, warmup: int, device: str = "cpu") -> 
         entries.append((name, compile_matrix(spec), flops(spec)))
     btt = MatrixSpec.from_dict({"in": D, "out": D, "btt": {"rank": 1}}).levels[0].btc.sizes
     naive = NaiveBTT(btt["i"], btt["j"], btt["a"], btt["b"])
+    if device == "cpu":  # the same module as "btt r=1", without the fused C++ kernel
+        entries.append(("btt r=1, bmm path", BmmPath(entries[1][1]), entries[1][2]))
     entries.append(("naive btt r=1 (reference)", naive, flops(
         MatrixSpec.from_dict({"in": D, "out": D, "btt": {"rank": 1}}))))
 
@@ -165,18 +191,60 @@ def bench(D: int, rows: int, repeats: int, warmup: int, device: str = "cpu") -> 
         rate = 3 * f * rows / t / 1e9
         print(f"{name:28s} {3 * f / 1e6:10.3f} {t * 1e3:9.1f} {rate:8.1f} "
               f"{rate / dense_rate:8.3f}")
-    for name, run in (("btt r=1", runs[1]), ("naive btt r=1", runs[-1])) * (device == "cpu"):
-        matmul, copy, other = time_split(run)
-        total = matmul + copy + other
-        print(f"time split of {name}: matmul {matmul / total:.0%}, copies {copy / total:.0%}, "
-              f"other {other / total:.0%} (profiled, self CPU time)")
     if device == "cpu":
-        f = round(D**0.5)
-        print(f"what limits btt r=1: its bmm have inner dimension {f} (D = {f} x {f}): "
-              f"about {f // 2} FLOPs per float moved, so they run at memory speed, not at the "
-              "GEMM peak dense reaches with inner dimension D; the copies are the layout "
-              "changes the output order (a, b) forces (one per pass, see linear._BTT); other = "
-              "elementwise glue")
+        matmul, copy, other = time_split(runs[-1])
+        total = matmul + copy + other
+        print(f"time split of naive btt r=1: matmul {matmul / total:.0%}, copies "
+              f"{copy / total:.0%}, other {other / total:.0%} (profiled, self CPU time)")
+        what_limits_btt(D, rows, entries[1][1], runs[1], medians[1], entries[1][2],
+                        dense_rate / torch.get_num_threads())
+
+
+GEMMS = ("z = x R", "y = z L", "gL", "gz", "gR", "gx")  # the kernel's GEMM phases
+
+
+def what_limits_btt(D: int, rows: int, module: nn.Module, run: Callable[[], None], t: float,
+                    f: int, dense_per_core: float) -> None:
+    """The fused kernel's own profile (time per phase, summed over threads), its GEMM rate
+    per core at this size and on rows that stay in cache, and the memory it streams."""
+    R, L = module.cores
+    if not linear_cpu.usable(torch.empty(1, D), R, L):
+        print("what limits btt r=1: the fused CPU kernel does not run here (the bmm path does)")
+        return
+    linear_cpu.stats(reset=True)
+    run()
+    phases = linear_cpu.stats(reset=True)
+    busy = sum(phases.values())
+    split = ", ".join(f"{k} {v / busy:.0%}" for k, v in phases.items() if v / busy >= 0.005)
+    per_core = 3 * f * rows / sum(phases[k] for k in GEMMS) / 1e9  # per second of thread time
+    peak = max(linear_cpu.tile_peak() for _ in range(3))  # (broadcast, Hadamard), one thread
+    moved = linear_cpu.traffic_bytes(rows, R, L)
+    src = torch.randn(rows, D)
+    dst = torch.empty_like(src)
+    copy = 2 * src.numel() * 4 / min(_time(lambda: dst.copy_(src)) for _ in range(3)) / 1e9
+    gemm_share = sum(phases[k] for k in GEMMS) / busy
+    f_ = round(D**0.5)
+    print(f"btt r=1 fused kernel, thread time per phase: {split}")
+    print(f"what limits btt r=1 (fused C++ kernel, measured): {gemm_share:.0%} of its thread "
+          f"time is its six GEMMs (inner size {f_}), the rest packing gy and the "
+          f"cores and summing the threads' weight gradients; the GEMMs run at {per_core:.0f} "
+          f"GFLOP/s per core, {per_core / dense_per_core:.2f} of dense's {dense_per_core:.0f}. "
+          f"Its register tiles reach {peak[0]:.0f} (broadcast, first core) and {peak[1]:.0f} "
+          f"(Hadamard, second core: both operands are vectors) GFLOP/s on data in L1, one "
+          f"thread, at inner size 64 with all 24 accumulators, so "
+          f"{per_core / (sum(peak) / 2):.2f} of that is reached; the rest is the tiles at this "
+          f"size (inner size {f_}: "
+          f"accumulators loaded and stored every {f_} multiply-adds; broadcast tiles of 6 x "
+          f"{min(4, max(1, f_ // 16))} vectors) and cache traffic: each phase streams its core "
+          f"({R.numel() * 4 / 2**20:.2g} MB, from L3) past every {linear_cpu.split(rows, R)[1]} "
+          f"rows, and {moved / 1e9:.2f} GB per step go through memory (x twice, y, gy, gx, z "
+          f"three times) = {moved / t / 1e9:.1f} GB/s, where a plain copy moves {copy:.0f} GB/s")
+
+
+def _time(run: Callable[[], None]) -> float:
+    t0 = time.perf_counter()
+    run()
+    return time.perf_counter() - t0
 
 
 def main() -> None:

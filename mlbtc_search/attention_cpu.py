@@ -20,79 +20,27 @@ unfused PyTorch path runs (same results, same FLOPs; slower). ``available()`` sa
 
 from __future__ import annotations
 
-import hashlib
-import os
-import platform
-import sys
 import threading
-import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-ENV = "MLBTC_CPU_KERNEL"
+from . import cpu_build
+
+ENV = cpu_build.ENV  # (build, cache and switch shared with linear_cpu: cpu_build)
 SOURCE = Path(__file__).with_name("csrc") / "region_attention.cpp"
-# -fopenmp: ATen's parallel_for is inline OpenMP pragmas (without it the kernel runs on one thread;
-# torch's CPU wheels use the same GNU OpenMP runtime)
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
 
 _state: dict[str, bool] = {}
 _lock = threading.Lock()
 
 
-def _cpu_tag() -> str:
-    """The build is -march=native: machines with other CPUs sharing a cache get their own."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        flags = next((ln for ln in info.splitlines() if ln.startswith("flags")), "")
-    except OSError:
-        flags = platform.processor()
-    return hashlib.sha1((flags + platform.machine()).encode()).hexdigest()[:10]
-
-
-def _name() -> str:
-    digest = hashlib.sha1(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:10]
-    return f"mlbtc_region_attention_{digest}_{_cpu_tag()}"
-
-
-def _build() -> bool:
-    from torch.utils import cpp_extension
-
-    name = _name()
-    try:  # (torch's own rule for where the build goes; says nothing if it moved)
-        built = (Path(cpp_extension._get_build_directory(name, verbose=False))
-                 / f"{name}.so").exists()
-    except Exception:
-        built = True
-    if not built:
-        print("mlbtc: compiling the fused CPU attention kernel (once per machine, about a "
-              "minute)...", file=sys.stderr, flush=True)
-    # inline: torch writes the source into the build directory, so the build does not depend on
-    # where this checkout lives (``load(sources=[path])`` rebuilt, silently, for every new path)
-    cpp_extension.load_inline(name=name, cpp_sources=[SOURCE.read_text()], extra_cflags=FLAGS,
-                              extra_ldflags=["-fopenmp"], is_python_module=False,
-                              no_implicit_headers=True, verbose=False)
-    return hasattr(torch.ops.mlbtc, "attend_merge")
-
-
 def available() -> bool:
     """Whether the fused kernel runs (compiling it on the first call); False with
     ``MLBTC_CPU_KERNEL=0`` or when it cannot be built (warns once, with the reason)."""
-    if os.environ.get(ENV, "1") == "0":
-        return False
-    if "ok" not in _state:
-        with _lock:
-            if "ok" not in _state:
-                try:
-                    _state["ok"] = _build()
-                except Exception as e:  # no compiler, no ninja, no BLAS symbols: fall back
-                    warnings.warn(f"mlbtc: the fused CPU attention kernel could not be built "
-                                  f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); the "
-                                  f"unfused path runs (same results, slower). Set {ENV}=0 to "
-                                  f"skip the attempt.", RuntimeWarning, stacklevel=2)
-                    _state["ok"] = False
-    return _state["ok"]
+    return cpu_build.load_once(_state, _lock, SOURCE, "mlbtc_region_attention",
+                               "fused CPU attention kernel", "the unfused path runs",
+                               lambda: hasattr(torch.ops.mlbtc, "attend_merge"))
 
 
 def usable(*ts: Tensor) -> bool:

@@ -89,9 +89,10 @@ def flop_counter() -> FlopCounterMode:
             model(x).sum().backward()
         counter.get_flop_counts()["Global"]
     """
-    from . import attention_cpu  # the fused C++ attention kernel's ops (when it is built)
+    from . import attention_cpu, linear_cpu  # the fused C++ kernels' ops (when they are built)
 
-    custom = {**CUSTOM_FLOP_FORMULAS, **attention_cpu.flop_formulas()}
+    custom = {**CUSTOM_FLOP_FORMULAS, **attention_cpu.flop_formulas(),
+              **linear_cpu.flop_formulas()}
     return FlopCounterMode(display=False, custom_mapping=custom)
 
 

@@ -3,7 +3,7 @@
 Each level is a set of cores, each stored with a leading block axis of size k (the level's block
 count). The plan's steps run as pairwise batched matmuls (``torch.einsum`` of two operands, which
 PyTorch lowers to one bmm); dense, low-rank and two-core BTT levels have hand-written fast paths
-with the same FLOPs.
+with the same FLOPs (two-core BTT on CPU: the fused C++ kernel of ``linear_cpu`` where it applies).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from . import linear_cpu
 from .matrix import MatrixSpec
 from .plan import LevelPlan, plan
 
@@ -129,6 +130,8 @@ class StructuredLinear(nn.Module):
 
     @staticmethod
     def _btt(x: Tensor, ws: list[Tensor], sizes: dict[str, int], k: int) -> Tensor:
+        if linear_cpu.usable(x, ws[0], ws[1]):  # R (k, C, D, B, S), L (k, B, C, S, A)
+            return linear_cpu.btt(x, ws[0], ws[1])  # the fused C++ kernel: same GEMMs, faster
         c, d, a, b, s = (sizes[n] for n in "ijabs")
         R = ws[0].reshape(k * c, d, b * s)  # R[k, i, j, b, s] -> (k*c, d, b*s)
         L = ws[1].reshape(k * b, c * s, a)  # L[k, b, i, s, a] -> (k*b, c*s, a)

@@ -238,11 +238,13 @@ def run_search(space: SearchSpace, storage_url: str | None = None, address: str 
 
 
 def _build_cpu_kernel() -> None:
-    """Compile the fused CPU attention kernel here, once (it says so), before the workers
-    start: they load the cached build instead of compiling it concurrently and silently."""
-    from mlbtc_search import attention_cpu
+    """Compile the fused CPU kernels (attention, BTT matrices) here, once (each says so), before
+    the workers start: they load the cached builds instead of compiling them concurrently and
+    silently."""
+    from mlbtc_search import attention_cpu, linear_cpu
 
     attention_cpu.available()
+    linear_cpu.available()
 
 
 def trained_so_far(url: str, name: str) -> int | None:
