@@ -183,8 +183,10 @@ class _RegionAttention(torch.autograd.Function):
         B, H = q.shape[:2]
         dv = v.shape[-1]
         dq, dk, dvv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        grad_out = grad_out.to(q.dtype).contiguous()
         native = attention_cpu.usable(q, k, v)
+        grad_out = grad_out.to(q.dtype)
+        if not (native and grad_out.stride(-1) == 1):  # the C++ kernel reads views in place
+            grad_out = grad_out.contiguous()  # (a copy there cost more than it saved)
         for r in ctx.regions:
             if native and not fused(r.prefix, dv):
                 p, rows = r.prefix, _rows
