@@ -137,3 +137,24 @@ def test_unbuildable_kernel_warns_once_and_falls_back(tmp_path, monkeypatch):
         out, (q, k, v, _) = _run((3, 2), (None, 4), 12, 5, True)
     assert attention_cpu._state == {"ok": False}
     torch.testing.assert_close(out[0], dense_multilevel(q, k, v, (3, 2), (None, 4), True))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_token_major_operands_and_strided_grad_out(dtype):
+    """Inside a model q, v and the output's gradient arrive as token-major views (B, T, H, C)
+    transposed: the kernel packs q, k, v per head and reads the gradient in place; regions at
+    the full width (the finest prefix equals dv here) run torch's flash backward on it."""
+    widths, sizes, T, dv = (4, 3, 2), (None, 8, 4), 16, 9
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, T, 3, 9, generator=g, dtype=dtype).transpose(1, 2).requires_grad_()
+    k = torch.randn(2, 3, T, 9, generator=g, dtype=dtype, requires_grad=True)
+    v = torch.randn(2, T, 3, dv, generator=g, dtype=dtype).transpose(1, 2).requires_grad_()
+    go = torch.randn(2, T, 3, dv, generator=g, dtype=dtype).transpose(1, 2)
+    out = multilevel_attention(q, k, v, widths, sizes, True)
+    ref = dense_multilevel(q, k, v, widths, sizes, True)
+    tol = {"rtol": 1e-10, "atol": 1e-10} if dtype == torch.float64 else \
+        {"rtol": 2e-3, "atol": 2e-4}
+    for a, b in zip((out, *torch.autograd.grad(out, (q, k, v), go)),
+                    (ref, *torch.autograd.grad(ref, (q, k, v), go)), strict=True):
+        torch.testing.assert_close(a, b, **tol)
