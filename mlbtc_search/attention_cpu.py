@@ -49,8 +49,7 @@ def usable(*ts: Tensor) -> bool:
     t = ts[0]
     if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64):
         return False
-    compiling = getattr(torch.compiler, "is_compiling", lambda: False)
-    if any(x.dtype != t.dtype for x in ts) or compiling():
+    if any(x.dtype != t.dtype for x in ts) or cpu_build.tracing():
         return False
     return available()
 

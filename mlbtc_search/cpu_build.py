@@ -19,6 +19,8 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 ENV = "MLBTC_CPU_KERNEL"
 # -fopenmp: ATen's parallel_for is inline OpenMP pragmas (without it the kernel runs on one thread;
 # torch's CPU wheels use the same GNU OpenMP runtime)
@@ -28,6 +30,13 @@ FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
 def enabled() -> bool:
     """False when ``MLBTC_CPU_KERNEL=0``."""
     return os.environ.get(ENV, "1") != "0"
+
+
+def tracing() -> bool:
+    """Inside torch.compile / torch.export tracing, where the kernels' ops are not traceable:
+    their callers take the PyTorch paths."""
+    compiling = getattr(torch.compiler, "is_compiling", lambda: False)
+    return compiling()
 
 
 def cpu_tag() -> str:

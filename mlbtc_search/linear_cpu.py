@@ -63,8 +63,7 @@ def usable(x: Tensor, R: Tensor, L: Tensor) -> bool:
     lanes = 64 // x.element_size()
     if R.shape[3] % lanes or R.shape[2] % lanes:
         return False
-    compiling = getattr(torch.compiler, "is_compiling", lambda: False)
-    return not compiling() and available()
+    return not cpu_build.tracing() and available()
 
 
 # the kernel's phases, as btt_stats reports their time (seconds summed over threads)
@@ -81,8 +80,7 @@ def stats(reset: bool = True) -> dict[str, float]:
 def tile_peak() -> tuple[float, float]:
     """GFLOP/s of the broadcast and the Hadamard register tiles on operands in L1 (float32,
     inner size 64, one thread): the ceiling of the kernel's GEMM phases, for benchmarks."""
-    broadcast, hadamard = torch.ops.mlbtc_btt.btt_tile_peak()
-    return broadcast, hadamard
+    return tuple(torch.ops.mlbtc_btt.btt_tile_peak())
 
 
 def traffic_bytes(rows: int, R: Tensor, L: Tensor) -> int:
@@ -97,7 +95,7 @@ def split(rows: int, R: Tensor) -> tuple[int, int, int]:
     range of rows per thread)."""
     k, C, _, B, S = R.shape
     per_row = k * C * S * B * R.element_size()  # bytes of z per row
-    chunk = max(min(MIN_CHUNK, MAX_CHUNK), min(MAX_CHUNK, CHUNK_BYTES // per_row))
+    chunk = max(MIN_CHUNK, min(MAX_CHUNK, CHUNK_BYTES // per_row))
     return chunk, max(1, SUPER_BYTES // per_row // chunk) * chunk, \
         max(1, min(torch.get_num_threads(), -(-rows // chunk)))
 

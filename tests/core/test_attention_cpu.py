@@ -4,8 +4,6 @@ it cannot be built."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from test_attention_kernels import CONFIGS, dense_multilevel
@@ -14,15 +12,7 @@ from mlbtc_search import attention_cpu
 from mlbtc_search.attention_kernels import multilevel_attention, multilevel_attention_cost
 from mlbtc_search.flopcount import count_flops
 
-
-def _built() -> bool:
-    ok = attention_cpu.available()
-    if not ok and os.environ.get("MLBTC_REQUIRE_SERVICES") == "1":
-        pytest.fail("the fused CPU attention kernel did not build (CI installs g++ and ninja)")
-    return ok
-
-
-needs_kernel = pytest.mark.skipif("not _built()", reason="fused CPU kernel not built")
+needs_kernel = pytest.mark.usefixtures("attention_kernel")
 
 
 def _run(widths, block_sizes, T, dv, causal, dtype=torch.float64, seed=0):
@@ -132,6 +122,7 @@ def test_unbuildable_kernel_warns_once_and_falls_back(tmp_path, monkeypatch):
     broken.write_text("#error this source does not compile\n")
     monkeypatch.setattr(attention_cpu, "SOURCE", broken)
     monkeypatch.setattr(attention_cpu, "_state", {})
+    monkeypatch.delenv(attention_cpu.ENV, raising=False)  # (the attempt is what is tested)
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
     with pytest.warns(RuntimeWarning, match="could not be built"):
         out, (q, k, v, _) = _run((3, 2), (None, 4), 12, 5, True)

@@ -5,23 +5,13 @@ switch and broken build that fall back."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from mlbtc_search import MatrixSpec, compile_matrix, flops, linear_cpu
 from mlbtc_search.flopcount import flop_counter
 
-
-def _built() -> bool:
-    ok = linear_cpu.available()
-    if not ok and os.environ.get("MLBTC_REQUIRE_SERVICES") == "1":
-        pytest.fail("the fused CPU BTT kernel did not build (CI installs g++ and ninja)")
-    return ok
-
-
-needs_kernel = pytest.mark.skipif("not _built()", reason="fused CPU BTT kernel not built")
+needs_kernel = pytest.mark.usefixtures("btt_kernel")
 
 # (dtype, blocks k, rank s, in factors (c, d), out factors (a, b)): lanes (8 in float64, 16 in
 # float32) divide b and d
@@ -151,6 +141,7 @@ def test_unbuildable_kernel_warns_once_and_falls_back(tmp_path, monkeypatch):
     broken.write_text("#error this source does not compile\n")
     monkeypatch.setattr(linear_cpu, "SOURCE", broken)
     monkeypatch.setattr(linear_cpu, "_state", {})
+    monkeypatch.delenv(linear_cpu.ENV, raising=False)  # (the attempt is what is tested)
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
     m, spec = _module(torch.float64, 1, 1, (3, 8), (5, 8))
     x = torch.randn(4, spec.n_in, dtype=torch.float64)
